@@ -1,0 +1,73 @@
+"""Where labelled images come from: the built-in demo images, or a folder given by the user."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+from typing import Callable
+
+from ..errors import DsqError
+from .classes import ClassList
+from .flat import WnidFileDataset, wnid_of
+from .folders import ClassFolderDataset, existing_folder, subfolders
+from .images import LabelledImages, is_image_name
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+
+# name -> class names; the files are foolbox/data/<name>_<NN>_<label>.<ext>
+DEMO_SETS = {
+    "imagenet": tuple(str(i) for i in range(1000)),  # the wheel ships class indices, not names
+    "cifar10": CIFAR10_CLASSES,
+}
+
+_INSTALL = "the demo images come from the foolbox package: pip install 'dsq[demo]'"
+
+
+def demo_folder() -> Path:
+    """The folder of sample images inside the installed foolbox package (foolbox is not imported)."""
+    try:
+        spec = importlib.util.find_spec("foolbox")
+    except (ImportError, ValueError):
+        spec = None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(location) / "data"
+        if folder.is_dir():
+            return folder
+    raise DsqError(_INSTALL)
+
+
+def demo_dataset(transform: Callable | None = None, name: str = "imagenet") -> LabelledImages:
+    """The 20 labelled demo images of `name` ('imagenet': 512x512 JPEGs, 'cifar10': 32x32 PNGs)."""
+    if name not in DEMO_SETS:
+        raise DsqError(f"unknown demo image set {name!r}: use one of {', '.join(DEMO_SETS)}")
+    folder = demo_folder()
+    pattern = re.compile(rf"{name}_(\d+)_(\d+)\.(?:jpg|png)")
+    found = sorted((int(m.group(1)), int(m.group(2)), str(folder / m.group(0)))
+                   for m in map(pattern.fullmatch, os.listdir(folder)) if m)
+    if not found:
+        raise DsqError(f"no {name} demo images in {folder}: reinstall them with pip install 'dsq[demo]'")
+    samples = [(path, label) for _, label, path in found]
+    return LabelledImages(samples, DEMO_SETS[name], transform, source=str(folder), layout=f"{name} demo images")
+
+
+def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
+                 classes: ClassList | None = None) -> LabelledImages:
+    """The labelled images in folder `path`, whose layout is detected.
+
+    One sub-folder per class -> ClassFolderDataset; images directly inside named
+    '<wnid>_...' -> WnidFileDataset; unlabelled flat images -> DsqError saying how to sort them.
+    """
+    root = existing_folder(path)
+    if not subfolders(root):
+        flat = [name for name in os.listdir(root) if is_image_name(name)]
+        if flat and all(map(wnid_of, flat)):
+            return WnidFileDataset(root, transform, classes)
+        if flat:
+            raise DsqError(
+                f"{root} holds {len(flat)} images but no class sub-folders, so their labels are unknown: "
+                "move them into one sub-folder per class "
+                "(the raw ImageNet val folder must first be sorted into wnid folders)")
+    return ClassFolderDataset(root, transform, classes)

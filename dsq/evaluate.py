@@ -1,0 +1,141 @@
+"""Top-1/top-5 accuracy of several models on exactly the same images."""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import time
+import traceback
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from .errors import DsqError
+
+
+@dataclass
+class Accuracy:
+    """Accuracy of one model: top-1/top-5 in percent, images seen, seconds spent in the model."""
+
+    top1: float
+    top5: float
+    images: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def spread_indices(size: int, limit: int | None) -> list[int]:
+    """Indices of `limit` items spread evenly over `size` (all of them if limit is None or >= size).
+
+    Spread, not the first N, so that a class-folder dataset keeps roughly every class.
+    """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+        raise DsqError(f"the image limit must be a whole number of at least 1, got {limit!r}")
+    if limit is None or limit >= size:
+        return list(range(size))
+    return torch.linspace(0, size - 1, int(limit), dtype=torch.float64).round().long().unique().tolist()
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`device` as a torch.device; DsqError if this machine cannot use it."""
+    try:
+        resolved = torch.device(device)
+        torch.empty(0, device=resolved)
+    except (RuntimeError, AssertionError, TypeError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DsqError(f"device {str(device)!r} is not available here ({reason}): use --device cpu") from None
+    return resolved
+
+
+def _batches(loader: DataLoader):
+    """Iterate `loader`, turning loading failures (also from worker processes) into one-line DsqErrors."""
+    batches = iter(loader)
+    try:
+        yield from batches
+        return
+    except DsqError as error:  # a worker re-raises it with its traceback appended
+        last = str(error).strip().splitlines()[-1]
+        message = last.removeprefix(f"{DsqError.__module__}.{DsqError.__qualname__}: ")
+        traceback.clear_frames(error.__traceback__)
+    except RuntimeError as error:
+        if "equal size" not in str(error):
+            raise
+        message = ("images of different sizes cannot be batched: set --resize/--crop or a --preset "
+                   "so that every image comes out the same size")
+        traceback.clear_frames(error.__traceback__)
+    # The cleared frames no longer hold the iterator in a reference cycle, so deleting it stops
+    # the worker processes now rather than at a later garbage collection (which waits 5 s).
+    del batches
+    raise DsqError(message)
+
+
+def _check_logits(name: str, logits, labels: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(labels):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise DsqError(f"model {name!r} returned {got} for a batch of {len(labels)}: "
+                       "expected logits of shape (batch, classes)")
+    top = int(labels.max())
+    if top >= logits.shape[1]:
+        raise DsqError(f"the images have label {top} but model {name!r} predicts {logits.shape[1]} classes: "
+                       "use images labelled for this model, or --classes FILE in the model's output order")
+
+
+def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, workers: int = 0,
+             limit: int | None = None, device: str | torch.device = "cpu",
+             progress: bool = True) -> dict[str, Accuracy]:
+    """Top-1/top-5 accuracy of every model in `models` on `dataset` ((image tensor, label) items).
+
+    Each batch is decoded once and run through every model, so all models see the same images
+    in the same order. `limit` evaluates that many images spread evenly over the dataset. The
+    models are moved to `device` (they stay there) and run in eval mode under inference_mode;
+    their train/eval mode is restored afterwards.
+    """
+    if not models:
+        raise DsqError("no model to evaluate")
+    if batch_size < 1 or workers < 0:
+        raise DsqError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
+    size = len(dataset)
+    if size == 0:
+        raise DsqError("the dataset is empty, nothing to evaluate: check the image folder")
+    indices = spread_indices(size, limit)
+    resolved = resolve_device(device)
+    loader = DataLoader(dataset if len(indices) == size else Subset(dataset, indices),
+                        batch_size=batch_size, shuffle=False, num_workers=workers,
+                        pin_memory=resolved.type == "cuda")
+    top1 = dict.fromkeys(models, 0)
+    top5 = dict.fromkeys(models, 0)
+    seconds = dict.fromkeys(models, 0.0)
+    seen = 0
+    training = {name: model.training for name, model in models.items()}
+    try:
+        for model in models.values():
+            model.to(resolved).eval()
+        with torch.inference_mode(), tqdm(total=len(indices), unit="img", desc="evaluate",
+                                          disable=not progress) as bar:
+            for images, labels in _batches(loader):
+                images = images.to(resolved, non_blocking=True)
+                labels = labels.to(resolved)
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    logits = model(images)
+                    if resolved.type == "cuda":
+                        torch.cuda.synchronize(resolved)
+                    seconds[name] += time.perf_counter() - start
+                    _check_logits(name, logits, labels)
+                    best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                    hits = best == labels[:, None]
+                    top1[name] += int(hits[:, 0].sum())
+                    top5[name] += int(hits.any(dim=1).sum())
+                seen += len(labels)
+                bar.set_postfix({name: f"{100 * top1[name] / seen:.2f}%" for name in models}, refresh=False)
+                bar.update(len(labels))
+    finally:
+        for name, model in models.items():
+            model.train(training[name])
+    return {name: Accuracy(100 * top1[name] / seen, 100 * top5[name] / seen, seen, seconds[name])
+            for name in models}

@@ -1,0 +1,127 @@
+"""VQK integers and KDS scales for weight slices: closed-form L2 with refinement, and KL.
+
+Every function here works on all slices at once: `w` is (n_slices, block), zero-padded
+where a block is ragged (padding has no magnitude, so it never moves the max, the dot
+products or the error; the KL fit masks it out of its softmax).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .blocks import BlockLayout, resolve_layout
+from .spec import WeightFormat
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """The b-bit two's-complement range [-2^(b-1), 2^(b-1) - 1]."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def initial_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The paper's map: the largest-magnitude element lands on the most negative code."""
+    lo, hi = code_range(bits)
+    m = w.gather(1, w.abs().argmax(dim=1, keepdim=True))
+    scale = torch.where(m == 0, torch.zeros_like(m), lo / torch.where(m == 0, 1.0, m))
+    return torch.round(w * scale).clamp_(lo, hi)
+
+
+def least_squares_scale(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha = <w, q> / <q, q> per slice (0 where q is all zero), and the error it saves.
+
+    With that alpha the slice's squared error is ||w||^2 - <w, q>^2 / <q, q>, so the
+    second value, <w, q>^2 / <q, q>, ranks candidate codes without another pass.
+    """
+    qq = (q * q).sum(dim=1)
+    wq = (w * q).sum(dim=1)
+    safe = qq.clamp_min(1e-30)
+    nonzero = qq > 0
+    zero = torch.zeros_like(qq)
+    return torch.where(nonzero, wq / safe, zero), torch.where(nonzero, wq * wq / safe, zero)
+
+
+def codes_for_scale(w: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
+    """The best integers for a given scale: clamp(round(w / alpha)); 0 where alpha is 0."""
+    lo, hi = code_range(bits)
+    inv = torch.where(alpha == 0, torch.zeros_like(alpha), 1.0 / torch.where(alpha == 0, 1.0, alpha))
+    return torch.round(w * inv[:, None]).clamp_(lo, hi)
+
+
+def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form L2 fit, then `rounds` alternating refinements that keep a slice's best."""
+    q = initial_codes(w, bits)
+    alpha, gain = least_squares_scale(w, q)
+    for _ in range(rounds):
+        q_new = codes_for_scale(w, alpha, bits)
+        alpha_new, gain_new = least_squares_scale(w, q_new)
+        better = gain_new > gain
+        q = torch.where(better[:, None], q_new, q)
+        alpha = torch.where(better, alpha_new, alpha)
+        gain = torch.where(better, gain_new, gain)
+    return q, alpha
+
+
+def fit_kl(
+    w: torch.Tensor, bits: int, mask: torch.Tensor | None = None, iters: int = 20, tol: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes from the paper's map; alpha minimising KL(softmax(w) || softmax(alpha * q)).
+
+    The objective is convex in alpha: its derivative is E_r[q] - E_p[q] and its second
+    derivative Var_r[q] >= 0 (r = softmax(alpha * q), p = softmax(w)). Newton steps from the
+    L2 scale, each limited to half of |alpha|, solve every slice at once in a few rounds.
+    """
+    q = initial_codes(w, bits)
+    alpha0, _ = least_squares_scale(w, q)
+    neg_inf = torch.tensor(float("-inf"), dtype=w.dtype)
+    if mask is not None:
+        w = torch.where(mask, w, neg_inf)
+    mean_p = (torch.softmax(w, dim=1) * q).sum(dim=1)
+    alpha = alpha0.clone()
+    for _ in range(iters):
+        logits = alpha[:, None] * q
+        if mask is not None:
+            logits = torch.where(mask, logits, neg_inf)
+        r = torch.softmax(logits, dim=1)
+        mean_r = (r * q).sum(dim=1)
+        var_r = (r * (q - mean_r[:, None]) ** 2).sum(dim=1)
+        limit = 0.5 * alpha.abs() + 1e-12
+        step = ((mean_r - mean_p) / var_r.clamp_min(1e-30)).clamp(-limit, limit)
+        step = torch.where(var_r > 0, step, torch.zeros_like(step))
+        alpha = alpha - step
+        if bool((step.abs() <= tol * alpha.abs()).all()):
+            break
+    return q, alpha
+
+
+@dataclass
+class QuantizedWeight:
+    """VQK (int8, the weight's shape) and KDS (float32, the layout's scale shape)."""
+
+    vqk: torch.Tensor
+    kds: torch.Tensor
+    layout: BlockLayout
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.vqk, self.kds, self.layout)
+
+
+def dequantize(vqk: torch.Tensor, kds: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """The float weight alpha * q that a VQK/KDS pair stands for."""
+    return vqk.to(kds.dtype) * layout.expand_scales(kds).reshape(vqk.shape)
+
+
+def quantize_weight(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
+    """Fit VQK and KDS to a conv weight (O, I, kh, kw) or a linear weight (O, I)."""
+    w4 = weight.detach().float()
+    if w4.dim() == 2:
+        w4 = w4[:, :, None, None]
+    kind = resolve_layout(fmt.layout, w4.shape[1], fmt.block)
+    layout = BlockLayout(kind, fmt.block, tuple(w4.shape))
+    slices = layout.to_slices(w4)
+    if fmt.method == "kl":
+        q, alpha = fit_kl(slices, fmt.bits, mask=layout.valid_mask())
+    else:
+        q, alpha = fit_l2(slices, fmt.bits, fmt.rounds)
+    vqk = layout.from_slices(q).to(torch.int8)
+    return QuantizedWeight(vqk.reshape(weight.shape), alpha.reshape(layout.scale_shape), layout)

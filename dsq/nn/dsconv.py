@@ -1,0 +1,128 @@
+"""DSConv layers: drop-ins for nn.Conv2d / nn.Linear that hold int8 VQK and float KDS.
+
+A converted layer keeps its class's own forward (so conv subclasses that pad TF-style,
+as EfficientNet-Lite's do, behave as before); it only changes two things: `weight` is the
+dequantized `alpha * q` computed from the stored integers, and the input is rounded to
+block floating point (BFP) first. This is the "simulated" backend: float arithmetic on
+exactly the values that the integer kernel multiplies.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequantize, quantize_weight
+
+
+class DSConvMixin:
+    """The DSConv behaviour, mixed in front of a conv or linear class."""
+
+    act_dim = 1  # the channel axis of the input that BFP blocks run along
+
+    def _install(self, weight: torch.Tensor, fmt: WeightFormat, act: ActFormat | None) -> None:
+        qw = quantize_weight(weight, fmt)
+        self._parameters.pop("weight", None)
+        self.register_buffer("vqk", qw.vqk)
+        self.register_buffer("kds", qw.kds)
+        self.weight_format = fmt
+        self.layout = qw.layout
+        self.act_format = act
+        self._cache = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantized weight alpha * q (cached until VQK or KDS change)."""
+        if "vqk" not in self._buffers:  # during the wrapped class's own __init__
+            return self._parameters["weight"]
+        key = (self.vqk._version, self.kds._version, self.kds.device, self.kds.dtype)
+        if self.kds.requires_grad and torch.is_grad_enabled():
+            return dequantize(self.vqk, self.kds, self.layout).reshape(self.vqk.shape)
+        if self._cache is None or self._cache[0] != key:
+            w = dequantize(self.vqk, self.kds, self.layout).reshape(self.vqk.shape)
+            self._cache = (key, w)
+        return self._cache[1]
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input rounded to BFP (unchanged when activation quantization is off)."""
+        if self.act_format is None:
+            return x
+        return bfp_quantize(x, self.act_format, self.act_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.quantize_input(x))
+
+    @property
+    def kind(self) -> str:
+        """conv, depthwise, grouped or linear."""
+        return layer_kind(self)
+
+    def extra_repr(self) -> str:
+        fmt, act = self.weight_format, self.act_format
+        act_txt = f"bfp{act.bits}/{act.block}" if act else "float"
+        return (
+            f"{super().extra_repr()}, bits={fmt.bits}, block={fmt.block}, "
+            f"layout={self.layout.kind}, method={fmt.method}, act={act_txt}"
+        )
+
+
+class DSConv2d(DSConvMixin, nn.Conv2d):
+    """nn.Conv2d with b-bit VQK weights, per-slice KDS scales and BFP inputs.
+
+    Takes nn.Conv2d's arguments plus `weight_format` and `act_format` (None: float input);
+    its initial weight is quantized at once. `to_dsconv` converts a trained conv.
+    """
+
+    def __init__(self, *args, weight_format: WeightFormat = WeightFormat(),
+                 act_format: ActFormat | None = ActFormat(), **kwargs):
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        self._install(self._parameters["weight"].detach(), weight_format, act_format)
+
+
+class DSLinear(DSConvMixin, nn.Linear):
+    """nn.Linear quantized as a 1x1 DSConv (blocks along the input features)."""
+
+    act_dim = -1
+
+    def __init__(self, *args, weight_format: WeightFormat = WeightFormat(),
+                 act_format: ActFormat | None = ActFormat(), **kwargs):
+        nn.Linear.__init__(self, *args, **kwargs)
+        self._install(self._parameters["weight"].detach(), weight_format, act_format)
+
+
+_CLASSES: dict[type, type] = {nn.Conv2d: DSConv2d, nn.Linear: DSLinear}
+
+
+def dsconv_class(cls: type) -> type:
+    """The DSConv class for a conv/linear class: DSConv2d, DSLinear, or a cached subclass
+    `DS<Name>(DSConvMixin, cls)` that keeps a conv subclass's own forward."""
+    if cls not in _CLASSES:
+        if not issubclass(cls, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"{cls.__name__} is not an nn.Conv2d or nn.Linear")
+        attrs = {"__module__": __name__, "__doc__": f"DSConv version of {cls.__qualname__}."}
+        if issubclass(cls, nn.Linear):
+            attrs["act_dim"] = -1
+        _CLASSES[cls] = type(f"DS{cls.__name__}", (DSConvMixin, cls), attrs)
+    return _CLASSES[cls]
+
+
+def to_dsconv(module: nn.Module, weight_format: WeightFormat, act_format: ActFormat | None) -> nn.Module:
+    """Turn `module` (an nn.Conv2d / nn.Linear or subclass) into its DSConv version in place."""
+    weight = module.weight.detach()
+    module.__class__ = dsconv_class(type(module))
+    module._install(weight, weight_format, act_format)
+    return module
+
+
+def is_dsconv(module: nn.Module) -> bool:
+    return isinstance(module, DSConvMixin)
+
+
+def layer_kind(module: nn.Module) -> str:
+    """conv, depthwise, grouped or linear: the kinds the per-layer report names."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if module.groups == 1:
+        return "conv"
+    if module.groups == module.in_channels:
+        return "depthwise"
+    return "grouped"

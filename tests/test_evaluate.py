@@ -1,0 +1,206 @@
+import multiprocessing
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from dsq.data import LabelledImages, get_preset, open_dataset
+from dsq.errors import DsqError
+from dsq.evaluate import Accuracy, evaluate, resolve_device, spread_indices
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+class Coded(Dataset):
+    """Item i: an image whose every pixel is i, and its label."""
+
+    def __init__(self, labels):
+        self.labels = list(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return torch.full((1, 2, 2), float(i)), self.labels[i]
+
+
+class Ranked(nn.Module):
+    """Logits from a lookup: item i's classes ranked as `ranking(label_i)` (best first)."""
+
+    def __init__(self, labels, classes, ranking):
+        super().__init__()
+        self.labels, self.classes, self.ranking = labels, classes, ranking
+        self.seen = []
+
+    def forward(self, x):
+        ids = x[:, 0, 0, 0].long().tolist()
+        self.seen += ids
+        logits = torch.zeros(len(ids), self.classes)
+        for row, i in enumerate(ids):
+            for rank, c in enumerate(self.ranking(self.labels[i])):
+                logits[row, c] = self.classes - rank
+        return logits
+
+
+def one_line(error):
+    message = str(error.value)
+    assert message and "\n" not in message, repr(message)
+    return message
+
+
+LABELS = [i % 10 for i in range(50)]
+
+
+def test_exact_top1_top5():
+    ds = Coded(LABELS)
+    models = {
+        "oracle": Ranked(LABELS, 10, lambda y: [y]),
+        "second": Ranked(LABELS, 10, lambda y: [(y + 1) % 10, y]),  # top-5 but never top-1
+        "sixth": Ranked(LABELS, 10, lambda y: [(y + k) % 10 for k in range(1, 6)] + [y]),
+        "always3": Ranked(LABELS, 10, lambda y: [3, 1, 4, 5, 9, 2]),
+    }
+    result = evaluate(models, ds, batch_size=7, progress=False)
+    assert list(result) == list(models)
+    assert (result["oracle"].top1, result["oracle"].top5) == (100.0, 100.0)
+    assert (result["second"].top1, result["second"].top5) == (0.0, 100.0)
+    assert (result["sixth"].top1, result["sixth"].top5) == (0.0, 0.0)
+    assert (result["always3"].top1, result["always3"].top5) == (10.0, 50.0)
+    assert all(a.images == 50 and a.seconds >= 0 for a in result.values())
+    assert result["oracle"].to_dict() == {"top1": 100.0, "top5": 100.0, "images": 50,
+                                          "seconds": result["oracle"].seconds}
+
+
+def test_every_model_sees_the_same_images_once():
+    ds = Coded(LABELS)
+    a, b = Ranked(LABELS, 10, lambda y: [y]), Ranked(LABELS, 10, lambda y: [0])
+    evaluate({"float": a, "quantized": b}, ds, batch_size=8, progress=False)
+    assert a.seen == b.seen == list(range(50))
+
+
+def test_fewer_than_five_classes():
+    labels = [0, 1, 2, 1]
+    result = evaluate({"m": Ranked(labels, 3, lambda y: [2, 0, 1])}, Coded(labels), progress=False)
+    assert result["m"].top1 == 25.0 and result["m"].top5 == 100.0
+
+
+def test_limit_spreads_over_dataset():
+    assert spread_indices(10_000, 10) == [0, 1111, 2222, 3333, 4444, 5555, 6666, 7777, 8888, 9999]
+    assert spread_indices(5, None) == spread_indices(5, 5) == spread_indices(5, 99) == [0, 1, 2, 3, 4]
+    assert spread_indices(7, 1) == [0]
+    for size, limit in [(10, 9), (1000, 999), (101, 37)]:
+        picked = spread_indices(size, limit)
+        assert len(picked) == limit and picked == sorted(set(picked)) and picked[-1] == size - 1
+    labels = [i // 100 for i in range(1000)]  # class folders: 100 of each class, in order
+    model = Ranked(labels, 10, lambda y: [y])
+    result = evaluate({"m": model}, Coded(labels), limit=20, progress=False)
+    assert result["m"].images == 20 and model.seen == spread_indices(1000, 20)
+    assert sorted({labels[i] for i in model.seen}) == list(range(10))  # not just the first class
+
+
+@pytest.mark.parametrize("limit", [0, -3, 2.5, True])
+def test_bad_limit(limit):
+    with pytest.raises(DsqError) as error:
+        evaluate({"m": nn.Identity()}, Coded([0]), limit=limit, progress=False)
+    assert "limit" in one_line(error)
+
+
+def test_empty_dataset():
+    with pytest.raises(DsqError) as error:
+        evaluate({"m": nn.Identity()}, Coded([]), progress=False)
+    assert "empty" in one_line(error)
+
+
+def test_unavailable_device():
+    with pytest.raises(DsqError) as error:
+        resolve_device("nonsense")
+    assert "--device cpu" in one_line(error)
+    if not torch.cuda.is_available():
+        with pytest.raises(DsqError) as error:
+            evaluate({"m": nn.Identity()}, Coded([0]), device="cuda", progress=False)
+        assert "'cuda'" in one_line(error)
+
+
+def test_mode_restored_and_inference_mode():
+    class Probe(nn.Module):
+        def forward(self, x):
+            assert not self.training and torch.is_inference_mode_enabled()
+            return torch.zeros(len(x), 10)
+
+    probe = Probe().train()
+    evaluate({"m": probe}, Coded(LABELS), progress=False)
+    assert probe.training
+
+
+def test_label_beyond_outputs():
+    with pytest.raises(DsqError) as error:
+        evaluate({"m": Ranked([0, 7], 5, lambda y: [0])}, Coded([0, 7]), progress=False)
+    assert "label 7" in one_line(error) and "5 classes" in one_line(error)
+
+
+def test_bad_output_shape():
+    with pytest.raises(DsqError) as error:
+        evaluate({"m": nn.Identity()}, Coded([0, 1]), progress=False)
+    assert "(2, 1, 2, 2)" in one_line(error)
+
+
+def test_mixed_image_sizes_explained(tmp_path):
+    from PIL import Image
+    for name, size in [("a.png", (8, 8)), ("b.png", (9, 9))]:
+        Image.new("RGB", size).save(tmp_path / name)
+    ds = LabelledImages([(str(tmp_path / "a.png"), 0), (str(tmp_path / "b.png"), 0)], ["x"],
+                        get_preset("cifar10").transform(), source=str(tmp_path), layout="test")
+    with pytest.raises(DsqError) as error:
+        evaluate({"m": nn.Flatten()}, ds, progress=False)
+    assert "--resize" in one_line(error)
+
+
+def test_worker_error_stays_one_line(tmp_path):
+    (tmp_path / "bad.jpg").write_bytes(b"garbage")
+    ds = LabelledImages([(str(tmp_path / "bad.jpg"), 0)], ["x"], get_preset("cifar10").transform(),
+                        source=str(tmp_path), layout="test")
+    with pytest.raises(DsqError) as error:
+        evaluate({"m": nn.Flatten()}, ds, workers=1, progress=False)
+    assert one_line(error).startswith(f"cannot read image {tmp_path / 'bad.jpg'}")
+    assert not multiprocessing.active_children()  # the worker was stopped, not left for a late gc
+
+
+def test_progress_bar(capsys):
+    evaluate({"float": Ranked(LABELS, 10, lambda y: [y])}, Coded(LABELS), batch_size=25, progress=True)
+    err = capsys.readouterr().err
+    assert "50/50" in err and "float=100.00%" in err
+
+
+@pytest.mark.realdata
+def test_real_cifar_subset_with_constant_model():
+    root = SHARED / "cifar10-test"
+    if not root.exists():
+        pytest.skip(f"shared data missing: {root}")
+    ds = open_dataset(root, get_preset("cifar10").transform())
+
+    class Always(nn.Module):
+        def forward(self, x):
+            assert x.shape[1:] == (3, 32, 32)
+            return torch.arange(10.0).flip(0).repeat(len(x), 1)  # ranks 0, 1, 2, 3, 4 first
+
+    result = evaluate({"m": Always()}, ds, limit=100, batch_size=32, progress=False)["m"]
+    picked = [ds.targets[i] for i in spread_indices(len(ds), 100)]
+    assert result.images == 100
+    assert result.top1 == picked.count(0) and result.top5 == sum(label < 5 for label in picked)
+    assert 5 <= picked.count(0) <= 15  # spread: every class about 10 %
+
+
+def test_accuracy_is_plain_data():
+    assert Accuracy(1.0, 2.0, 3, 0.5).to_dict() == {"top1": 1.0, "top5": 2.0, "images": 3, "seconds": 0.5}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 10))
+    ds = Coded(LABELS)
+    cpu = evaluate({"m": model}, ds, progress=False)["m"]
+    gpu = evaluate({"m": model}, ds, device="cuda", progress=False)["m"]
+    assert next(model.parameters()).is_cuda
+    assert (gpu.top1, gpu.top5, gpu.images) == (cpu.top1, cpu.top5, cpu.images)
