@@ -2,9 +2,13 @@
 
     import dsq
     qmodel, report = dsq.quantize(model, bits=4, block=32)
+    dsq.save("model.dsq", qmodel, report, arch="resnet50")
+    qmodel, recipe = dsq.load("model.dsq")
 """
-from .convert import QuantReport, quantize
-from .errors import DsqError
+__version__ = "0.1.0"  # before the imports: the artifact module writes it into files
 
-__version__ = "0.1.0"
-__all__ = ["quantize", "QuantReport", "DsqError", "__version__"]
+from .artifact import load, save  # noqa: E402
+from .convert import QuantReport, quantize  # noqa: E402
+from .errors import DsqError  # noqa: E402
+
+__all__ = ["quantize", "QuantReport", "DsqError", "load", "save", "__version__"]

@@ -5,16 +5,26 @@ import copy
 import fnmatch
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .formats import DEFAULT_ROUNDS, ActFormat, WeightFormat
-from .nn import layer_kind, to_dsconv
+from .errors import DsqError
+from .formats import DEFAULT_ROUNDS, DEFAULT_SUM_WEIGHT, ActFormat, WeightFormat, packed_size
+from .nn import layer_kind, set_backend, to_dsconv
 
-SCALE_BITS = 32  # KDS values are kept as float32
+# How KDS scales are stored. With float16 the model in memory already uses the
+# float16-rounded scales, so a saved file reloads bit-identical. float32 is the default:
+# on ResNet-20 / all 10 000 CIFAR-10 test images float16 scales moved top-1 by +13 images
+# (4 bit) and -12 images (2 bit), more than scale perturbations of the same size did
+# (-7 to +1); see docs/file-format.md, "Scale precision".
+SCALE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DEFAULT_SCALE_DTYPE = "float32"
+# Depthwise convs hold few weights but carry much of a MobileNet/EfficientNet's error at
+# 4 bits (spec, anchors): they stay at 8 bits unless asked otherwise; the report shows it.
+DEFAULT_DEPTHWISE_BITS = 8
 
 
 @dataclass
@@ -45,6 +55,7 @@ class QuantReport:
 
     weight_format: WeightFormat
     act_format: ActFormat | None
+    settings: dict = field(default_factory=dict)  # the arguments of `quantize`, to redo it
     layers: list[LayerReport] = field(default_factory=list)
     model_float_bytes: int = 0
     model_quantized_bytes: int = 0
@@ -73,6 +84,7 @@ class QuantReport:
         return {
             "weight_format": asdict(self.weight_format),
             "act_format": asdict(self.act_format) if self.act_format else None,
+            "settings": self.settings,
             "model_float_bytes": self.model_float_bytes,
             "model_quantized_bytes": self.model_quantized_bytes,
             "compression": self.compression,
@@ -100,9 +112,21 @@ def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def packed_weight_bytes(params: int, n_scales: int, bits: int) -> int:
-    """Bytes of b-bit packed integers plus float scales."""
-    return math.ceil(params * bits / 8) + n_scales * SCALE_BITS // 8
+def scale_torch_dtype(scale_dtype: str) -> torch.dtype:
+    """The torch dtype that the name `scale_dtype` stands for; DsqError when unknown."""
+    if scale_dtype not in SCALE_DTYPES:
+        raise DsqError(f"unknown scale dtype {scale_dtype!r}: use one of {', '.join(SCALE_DTYPES)}")
+    return SCALE_DTYPES[scale_dtype]
+
+
+def scale_bits(scale_dtype: str) -> int:
+    """Bits of one stored KDS value: 16 or 32."""
+    return scale_torch_dtype(scale_dtype).itemsize * 8
+
+
+def packed_weight_bytes(params: int, n_scales: int, bits: int, scale_dtype: str) -> int:
+    """Bytes of b-bit packed integers plus scales stored as `scale_dtype`."""
+    return packed_size(params, bits) + n_scales * scale_bits(scale_dtype) // 8
 
 
 def quantize(
@@ -112,28 +136,47 @@ def quantize(
     method: str = "l2",
     *,
     rounds: int = DEFAULT_ROUNDS,
+    sum_weight: float = DEFAULT_SUM_WEIGHT,
     layout: str = "auto",
     act_bits: int | None = 8,
     act_block: int | None = None,
     include: tuple[str, ...] = ("*",),
     exclude: tuple[str, ...] = (),
+    layer_bits: dict[str, int] | None = None,
+    depthwise_bits: int | None = DEFAULT_DEPTHWISE_BITS,
     quantize_linear: bool = False,
     quantize_image_input: bool = False,
+    scale_dtype: str = DEFAULT_SCALE_DTYPE,
+    backend: str = "simulate",
     progress: bool = False,
 ) -> tuple[nn.Module, QuantReport]:
     """Return a DSConv copy of `model` and a per-layer report; `model` is left untouched.
 
     Every nn.Conv2d (and subclass) whose name matches an `include` glob and no `exclude`
-    glob becomes a DSConv layer with `bits`-bit VQK and one KDS per `block` slice; linear
+    glob becomes a DSConv layer with `bits`-bit VQK (or the bits of the first `layer_bits`
+    glob that matches its name; depthwise convs get `depthwise_bits`, None: `bits`) and one
+    KDS per `block` slice (L2 fit with `rounds` refinements and the slice-sum error weighted
+    by `sum_weight`); linear
     layers stay float unless `quantize_linear`. Conv inputs are rounded to BFP with
     `act_bits`-bit mantissas over `act_block` channels (default: `block`; None: float
     inputs), except the first conv's input (the image) unless `quantize_image_input`.
+    KDS scales are rounded to `scale_dtype` ("float16" or "float32"), the precision a saved
+    file keeps them in. The copy computes with `backend` (see dsq.nn.set_backend).
     """
     started = time.perf_counter()
-    fmt = WeightFormat(bits, block, method, rounds, layout)
-    act = ActFormat(act_bits, act_block or block) if act_bits is not None else None
+    include, exclude = _globs(include), _globs(exclude)
+    settings = dict(bits=bits, block=block, method=method, rounds=rounds, sum_weight=sum_weight, layout=layout,
+                    act_bits=act_bits,
+                    act_block=act_block, include=list(include), exclude=list(exclude),
+                    layer_bits=dict(layer_bits or {}), depthwise_bits=depthwise_bits,
+                    quantize_linear=quantize_linear, quantize_image_input=quantize_image_input,
+                    scale_dtype=scale_dtype)
+    stored_dtype = scale_torch_dtype(scale_dtype)
+    fmt = WeightFormat(bits, block, method, rounds, layout, sum_weight)
+    act = ActFormat(act_bits, block if act_block is None else act_block) if act_bits is not None else None
+    overrides = {glob: replace(fmt, bits=b) for glob, b in settings["layer_bits"].items()}
     qmodel = copy.deepcopy(model).eval()
-    report = QuantReport(fmt, act, model_float_bytes=state_bytes(model))
+    report = QuantReport(fmt, act, settings, model_float_bytes=state_bytes(model))
     targets = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     first_conv = next((n for n, m in targets if isinstance(m, nn.Conv2d)), None)
     saved = 0
@@ -145,13 +188,31 @@ def quantize(
         else:
             w = module.weight.detach().clone()
             layer_act = act if (name != first_conv or quantize_image_input) else None
-            to_dsconv(module, fmt, layer_act)
-            _fill_quantized(row, module, w, fmt, layer_act, image_input=name == first_conv)
+            layer_fmt, row.note = _layer_format(name, row.kind, fmt, overrides, depthwise_bits)
+            to_dsconv(module, layer_fmt, layer_act)
+            _round_scales(name, module, stored_dtype)
+            _fill_quantized(row, module, w, layer_fmt, layer_act, scale_dtype, image_input=name == first_conv)
             saved += row.float_bytes - row.packed_bytes
         report.layers.append(row)
     report.model_quantized_bytes = report.model_float_bytes - saved
+    if backend != "simulate":
+        set_backend(qmodel, backend)
     report.seconds = time.perf_counter() - started
     return qmodel, report
+
+
+def _globs(patterns) -> tuple[str, ...]:
+    return (patterns,) if isinstance(patterns, str) else tuple(patterns)
+
+
+def _layer_format(name, kind, fmt, overrides, depthwise_bits) -> tuple[WeightFormat, str]:
+    """The format of one layer and the note that explains a deviation from `fmt`."""
+    pattern = _matches(name, overrides)
+    if pattern:
+        return overrides[pattern], f"{overrides[pattern].bits} bits by pattern {pattern!r}"
+    if kind == "depthwise" and depthwise_bits is not None and depthwise_bits != fmt.bits:
+        return replace(fmt, bits=depthwise_bits), f"depthwise: {depthwise_bits} bits (depthwise_bits)"
+    return fmt, ""
 
 
 def _describe(name: str, module: nn.Module) -> LayerReport:
@@ -165,7 +226,7 @@ def _describe(name: str, module: nn.Module) -> LayerReport:
 
 def _keep_float_reason(name, module, include, exclude, quantize_linear) -> str:
     if isinstance(module, nn.Linear) and not quantize_linear:
-        return "linear layers stay float (quantize_linear / --quantize-linear to change)"
+        return "linear layer kept float (quantize_linear=True quantizes it)"
     pattern = _matches(name, exclude)
     if pattern:
         return f"excluded by pattern {pattern!r}"
@@ -174,11 +235,20 @@ def _keep_float_reason(name, module, include, exclude, quantize_linear) -> str:
     return ""
 
 
-def _fill_quantized(row, module, w, fmt, act, image_input) -> None:
+def _round_scales(name: str, module: nn.Module, dtype: torch.dtype) -> None:
+    """Round the layer's KDS to `dtype` in place (kept float32 in memory)."""
+    stored = module.kds.to(dtype)
+    if not bool(torch.isfinite(stored).all()):
+        raise DsqError(f"layer {name}: a weight scale exceeds the {str(dtype).removeprefix('torch.')} range; "
+                       "use scale dtype float32")
+    module.kds.copy_(stored)
+
+
+def _fill_quantized(row, module, w, fmt, act, scale_dtype, image_input) -> None:
     row.quantized = True
     row.bits, row.block, row.layout = fmt.bits, fmt.block, module.layout.kind
     row.act = f"bfp{act.bits}/{act.block}" if act else ("float (image input)" if image_input else "float")
     n_scales = module.kds.numel()
-    row.packed_bytes = packed_weight_bytes(row.params, n_scales, fmt.bits)
-    row.bits_per_weight = fmt.bits + SCALE_BITS * n_scales / row.params
+    row.packed_bytes = packed_weight_bytes(row.params, n_scales, fmt.bits, scale_dtype)
+    row.bits_per_weight = fmt.bits + scale_bits(scale_dtype) * n_scales / row.params
     row.sqnr_db, row.rel_error = _weight_error(w, module.weight.detach())

@@ -1,4 +1,4 @@
-"""Top-1/top-5 accuracy of several models on exactly the same images."""
+"""Top-1/top-5 accuracy of several models on exactly the same images, in one process or under torchrun."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import numbers
 import time
 import traceback
 from dataclasses import dataclass
+from typing import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from . import distributed
 from .errors import DsqError
 
 
@@ -42,9 +44,9 @@ def spread_indices(size: int, limit: int | None) -> list[int]:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """`device` as a torch.device; DsqError if this machine cannot use it."""
+    """`device` as a torch.device ('cuda' under torchrun: this process's GPU); DsqError if unusable here."""
     try:
-        resolved = torch.device(device)
+        resolved = distributed.local_device(device)
         torch.empty(0, device=resolved)
     except (RuntimeError, AssertionError, TypeError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -87,13 +89,15 @@ def _check_logits(name: str, logits, labels: torch.Tensor) -> None:
 
 def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, workers: int = 0,
              limit: int | None = None, device: str | torch.device = "cpu",
-             progress: bool = True) -> dict[str, Accuracy]:
+             progress: bool = True, desc: str = "evaluate") -> dict[str, Accuracy]:
     """Top-1/top-5 accuracy of every model in `models` on `dataset` ((image tensor, label) items).
 
     Each batch is decoded once and run through every model, so all models see the same images
     in the same order. `limit` evaluates that many images spread evenly over the dataset. The
     models are moved to `device` (they stay there) and run in eval mode under inference_mode;
-    their train/eval mode is restored afterwards.
+    their train/eval mode is restored afterwards. Under torchrun each process evaluates every
+    N-th batch (the same batches as one process would) and the counts are summed, so the
+    results equal a single process's; `seconds` is then the sum over the processes.
     """
     if not models:
         raise DsqError("no model to evaluate")
@@ -104,9 +108,9 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
         raise DsqError("the dataset is empty, nothing to evaluate: check the image folder")
     indices = spread_indices(size, limit)
     resolved = resolve_device(device)
-    loader = DataLoader(dataset if len(indices) == size else Subset(dataset, indices),
-                        batch_size=batch_size, shuffle=False, num_workers=workers,
-                        pin_memory=resolved.type == "cuda")
+    distributed.setup(resolved)
+    batches = distributed.shard([indices[i:i + batch_size] for i in range(0, len(indices), batch_size)])
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=resolved.type == "cuda")
     top1 = dict.fromkeys(models, 0)
     top5 = dict.fromkeys(models, 0)
     seconds = dict.fromkeys(models, 0.0)
@@ -115,8 +119,8 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
     try:
         for model in models.values():
             model.to(resolved).eval()
-        with torch.inference_mode(), tqdm(total=len(indices), unit="img", desc="evaluate",
-                                          disable=not progress) as bar:
+        with torch.inference_mode(), tqdm(total=sum(map(len, batches)), unit="img", desc=desc,
+                                          disable=not (progress and distributed.is_main())) as bar:
             for images, labels in _batches(loader):
                 images = images.to(resolved, non_blocking=True)
                 labels = labels.to(resolved)
@@ -137,5 +141,25 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
     finally:
         for name, model in models.items():
             model.train(training[name])
-    return {name: Accuracy(100 * top1[name] / seen, 100 * top5[name] / seen, seen, seconds[name])
-            for name in models}
+    counts = torch.tensor([[top1[n], top5[n], seen, seconds[n]] for n in models], dtype=torch.float64)
+    totals = distributed.sum_over_processes(counts.to(resolved)).cpu().tolist()
+    return {name: Accuracy(100 * hits1 / total, 100 * hits5 / total, int(total), secs)
+            for name, (hits1, hits5, total, secs) in zip(models, totals)}
+
+
+def evaluate_in_passes(builders: Mapping[str, Callable[[], nn.Module]], dataset, *, per_pass: int,
+                       on_pass: Callable[[dict[str, Accuracy]], None] = lambda results: None,
+                       progress: bool = True, **options) -> dict[str, Accuracy]:
+    """Evaluate many models, building `per_pass` of them at a time and running each group on
+    one pass over the images (decoded once for the group); `on_pass` gets each pass's results
+    as soon as it ends. `options` go to `evaluate`."""
+    names = list(builders)
+    groups = [names[i:i + per_pass] for i in range(0, len(names), per_pass)]
+    results = {}
+    for number, group in enumerate(groups, 1):
+        models = {name: builders[name]() for name in group}
+        done = evaluate(models, dataset, progress=progress, desc=f"pass {number}/{len(groups)}", **options)
+        del models
+        on_pass(done)
+        results.update(done)
+    return results

@@ -13,6 +13,7 @@ from .classes import ClassList
 from .flat import WnidFileDataset, wnid_of
 from .folders import ClassFolderDataset, existing_folder, subfolders
 from .images import LabelledImages, is_image_name
+from .imagenet import open_imagenet
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -22,6 +23,11 @@ DEMO_SETS = {
     "imagenet": tuple(str(i) for i in range(1000)),  # the wheel ships class indices, not names
     "cifar10": CIFAR10_CLASSES,
 }
+
+KNOWN_LAYOUTS = (
+    "one sub-folder per class with images inside, images named <wnid>_*.JPEG, ImageNet val ILSVRC2012_val_*.JPEG "
+    "with Kaggle's LOC_val_solution.csv or with the devkit's ILSVRC2012_validation_ground_truth.txt and meta.mat, "
+    "or a torchvision ImageNet root (meta.bin and val/)")
 
 _INSTALL = "the demo images come from the foolbox package: pip install 'dsq[demo]'"
 
@@ -57,17 +63,18 @@ def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
                  classes: ClassList | None = None) -> LabelledImages:
     """The labelled images in folder `path`, whose layout is detected.
 
-    One sub-folder per class -> ClassFolderDataset; images directly inside named
-    '<wnid>_...' -> WnidFileDataset; unlabelled flat images -> DsqError saying how to sort them.
+    ImageNet val in one of its published layouts -> `open_imagenet`; one sub-folder per class ->
+    ClassFolderDataset; images directly inside named '<wnid>_...' -> WnidFileDataset; anything
+    else -> DsqError naming the layouts dsq reads.
     """
     root = existing_folder(path)
+    imagenet = open_imagenet(root, transform, classes)
+    if imagenet is not None:
+        return imagenet
     if not subfolders(root):
         flat = [name for name in os.listdir(root) if is_image_name(name)]
         if flat and all(map(wnid_of, flat)):
             return WnidFileDataset(root, transform, classes)
-        if flat:
-            raise DsqError(
-                f"{root} holds {len(flat)} images but no class sub-folders, so their labels are unknown: "
-                "move them into one sub-folder per class "
-                "(the raw ImageNet val folder must first be sorted into wnid folders)")
+        raise DsqError(f"found {len(flat)} images in {root} but no class sub-folders or label file: "
+                       f"dsq reads {KNOWN_LAYOUTS}")
     return ClassFolderDataset(root, transform, classes)

@@ -15,7 +15,7 @@ from ..errors import DsqError
 
 CHANNEL = "channel"  # blocks along the input channels at each (out channel, tap)
 FLAT = "flat"  # blocks along the flattened (in channels x taps) axis of each out channel
-AUTO = "auto"  # flat where a group has fewer input channels than the block, else channel
+AUTO = "auto"  # flat for grouped/depthwise convs with fewer input channels per group than the block
 LAYOUTS = (AUTO, CHANNEL, FLAT)
 
 
@@ -40,12 +40,12 @@ def unblocked(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
     return x.flatten(dim, dim + 1).narrow(dim, 0, length)
 
 
-def resolve_layout(layout: str, in_per_group: int, block: int) -> str:
+def resolve_layout(layout: str, in_per_group: int, block: int, groups: int = 1) -> str:
     """The concrete layout (channel or flat) that `layout` means for this weight."""
     if layout not in LAYOUTS:
         raise DsqError(f"unknown block layout {layout!r}: use one of {', '.join(LAYOUTS)}")
     if layout == AUTO:
-        return FLAT if in_per_group < block else CHANNEL
+        return FLAT if groups > 1 and in_per_group < block else CHANNEL
     return layout
 
 

@@ -1,6 +1,7 @@
 """The settings that define a DSConv format, checked once where they are made."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import DsqError
@@ -12,6 +13,9 @@ MIN_BITS, MAX_BITS = 2, 8
 # "Choosing the defaults"): ResNet-20 / CIFAR-10 at 4 bits gains most of its accuracy
 # back within a few rounds and nothing measurable after.
 DEFAULT_ROUNDS = 5
+# Weight of the slice-sum error in the L2 scale fit (formats.weights.sum_aware_scale): mu^2/s^2
+# of a rectified standard Gaussian, the input a conv sees after BN + ReLU: 1 / (pi - 1).
+DEFAULT_SUM_WEIGHT = round(1 / (math.pi - 1), 3)
 
 
 def check_bits(bits: int, what: str = "weight bits") -> int:
@@ -35,6 +39,7 @@ class WeightFormat:
     method: str = "l2"
     rounds: int = DEFAULT_ROUNDS
     layout: str = "auto"
+    sum_weight: float = DEFAULT_SUM_WEIGHT
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -45,6 +50,8 @@ class WeightFormat:
             raise DsqError(f"refinement rounds must be a whole number >= 0, got {self.rounds!r}")
         if self.layout not in LAYOUTS:
             raise DsqError(f"unknown block layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
+        if not isinstance(self.sum_weight, (int, float)) or not 0 <= self.sum_weight < math.inf:
+            raise DsqError(f"sum weight must be a number >= 0, got {self.sum_weight!r}")
 
 
 @dataclass(frozen=True)

@@ -27,18 +27,18 @@ def initial_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(w * scale).clamp_(lo, hi)
 
 
-def least_squares_scale(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha = <w, q> / <q, q> per slice (0 where q is all zero), and the error it saves.
+def sum_aware_scale(w: torch.Tensor, q: torch.Tensor, sum_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha minimising ||w - alpha q||^2 + sum_weight * (sum(w) - alpha sum(q))^2, and its L2 error.
 
-    With that alpha the slice's squared error is ||w||^2 - <w, q>^2 / <q, q>, so the
-    second value, <w, q>^2 / <q, q>, ranks candidate codes without another pass.
+    The second term is the systematic output shift that a slice's error causes on inputs
+    with a common mean: for inputs of mean mu and variance s^2 the expected squared output
+    error is s^2 ||dw||^2 + mu^2 (sum dw)^2, so sum_weight = mu^2 / s^2.
     """
-    qq = (q * q).sum(dim=1)
-    wq = (w * q).sum(dim=1)
-    safe = qq.clamp_min(1e-30)
-    nonzero = qq > 0
-    zero = torch.zeros_like(qq)
-    return torch.where(nonzero, wq / safe, zero), torch.where(nonzero, wq * wq / safe, zero)
+    qq, wq, sq = (q * q).sum(dim=1), (w * q).sum(dim=1), q.sum(dim=1)
+    ww, sw = (w * w).sum(dim=1), w.sum(dim=1)
+    den = qq + sum_weight * sq * sq
+    alpha = torch.where(den > 0, (wq + sum_weight * sw * sq) / den.clamp_min(1e-30), torch.zeros_like(den))
+    return alpha, ww - 2 * alpha * wq + alpha * alpha * qq
 
 
 def codes_for_scale(w: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Tensor:
@@ -48,17 +48,21 @@ def codes_for_scale(w: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Te
     return torch.round(w * inv[:, None]).clamp_(lo, hi)
 
 
-def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Closed-form L2 fit, then `rounds` alternating refinements that keep a slice's best."""
+def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0, sum_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's closed-form fit, then `rounds` refinements that keep a slice's best.
+
+    With `sum_weight` > 0 each alpha also weighs the slice-sum error (`sum_aware_scale`);
+    a refinement is kept where it lowers the slice's squared weight error.
+    """
     q = initial_codes(w, bits)
-    alpha, gain = least_squares_scale(w, q)
+    alpha, err = sum_aware_scale(w, q, sum_weight)
     for _ in range(rounds):
         q_new = codes_for_scale(w, alpha, bits)
-        alpha_new, gain_new = least_squares_scale(w, q_new)
-        better = gain_new > gain
+        alpha_new, err_new = sum_aware_scale(w, q_new, sum_weight)
+        better = err_new < err
         q = torch.where(better[:, None], q_new, q)
         alpha = torch.where(better, alpha_new, alpha)
-        gain = torch.where(better, gain_new, gain)
+        err = torch.where(better, err_new, err)
     return q, alpha
 
 
@@ -72,7 +76,7 @@ def fit_kl(
     L2 scale, each limited to half of |alpha|, solve every slice at once in a few rounds.
     """
     q = initial_codes(w, bits)
-    alpha0, _ = least_squares_scale(w, q)
+    alpha0, _ = sum_aware_scale(w, q, 0.0)
     neg_inf = torch.tensor(float("-inf"), dtype=w.dtype)
     if mask is not None:
         w = torch.where(mask, w, neg_inf)
@@ -111,17 +115,17 @@ def dequantize(vqk: torch.Tensor, kds: torch.Tensor, layout: BlockLayout) -> tor
     return vqk.to(kds.dtype) * layout.expand_scales(kds).reshape(vqk.shape)
 
 
-def quantize_weight(weight: torch.Tensor, fmt: WeightFormat) -> QuantizedWeight:
-    """Fit VQK and KDS to a conv weight (O, I, kh, kw) or a linear weight (O, I)."""
+def quantize_weight(weight: torch.Tensor, fmt: WeightFormat, groups: int = 1) -> QuantizedWeight:
+    """Fit VQK and KDS to a conv weight (O, I/groups, kh, kw) or a linear weight (O, I)."""
     w4 = weight.detach().float()
     if w4.dim() == 2:
         w4 = w4[:, :, None, None]
-    kind = resolve_layout(fmt.layout, w4.shape[1], fmt.block)
+    kind = resolve_layout(fmt.layout, w4.shape[1], fmt.block, groups)
     layout = BlockLayout(kind, fmt.block, tuple(w4.shape))
     slices = layout.to_slices(w4)
     if fmt.method == "kl":
         q, alpha = fit_kl(slices, fmt.bits, mask=layout.valid_mask())
     else:
-        q, alpha = fit_l2(slices, fmt.bits, fmt.rounds)
-    vqk = layout.from_slices(q).to(torch.int8)
+        q, alpha = fit_l2(slices, fmt.bits, fmt.rounds, fmt.sum_weight)
+    vqk = layout.from_slices(q).to(torch.int8).contiguous()
     return QuantizedWeight(vqk.reshape(weight.shape), alpha.reshape(layout.scale_shape), layout)

@@ -4,23 +4,29 @@ A converted layer keeps its class's own forward (so conv subclasses that pad TF-
 as EfficientNet-Lite's do, behave as before); it only changes two things: `weight` is the
 dequantized `alpha * q` computed from the stored integers, and the input is rounded to
 block floating point (BFP) first. This is the "simulated" backend: float arithmetic on
-exactly the values that the integer kernel multiplies.
+exactly the values that the integer kernel multiplies. `set_backend(model, "int")` runs the
+layers on integers instead (dsq.nn.int_backend).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
+from ..errors import DsqError
 from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequantize, quantize_weight
+from .int_backend import IntWeight, check_int_device
+
+BACKENDS = ("simulate", "int")
 
 
 class DSConvMixin:
     """The DSConv behaviour, mixed in front of a conv or linear class."""
 
     act_dim = 1  # the channel axis of the input that BFP blocks run along
+    backend = "simulate"  # or "int": see set_backend
 
     def _install(self, weight: torch.Tensor, fmt: WeightFormat, act: ActFormat | None) -> None:
-        qw = quantize_weight(weight, fmt)
+        qw = quantize_weight(weight, fmt, getattr(self, "groups", 1))
         self._parameters.pop("weight", None)
         self.register_buffer("vqk", qw.vqk)
         self.register_buffer("kds", qw.kds)
@@ -33,8 +39,12 @@ class DSConvMixin:
     def weight(self) -> torch.Tensor:
         """The dequantized weight alpha * q (cached until VQK or KDS change)."""
         if "vqk" not in self._buffers:  # during the wrapped class's own __init__
+            if "weight" not in self._parameters:
+                raise AttributeError("weight")
             return self._parameters["weight"]
-        key = (self.vqk._version, self.kds._version, self.kds.device, self.kds.dtype)
+        if self.runs_int:
+            return IntWeight(self)
+        key = tuple((id(t), t.data_ptr(), t._version) for t in (self.vqk, self.kds)) + (self.kds.dtype,)
         if self.kds.requires_grad and torch.is_grad_enabled():
             return dequantize(self.vqk, self.kds, self.layout).reshape(self.vqk.shape)
         if self._cache is None or self._cache[0] != key:
@@ -49,7 +59,13 @@ class DSConvMixin:
         return bfp_quantize(x, self.act_format, self.act_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(self.quantize_input(x))
+        return super().forward(x if self.runs_int else self.quantize_input(x))  # the int kernel encodes x itself
+
+    @property
+    def runs_int(self) -> bool:
+        """Whether this layer computes on integers: the int backend and a BFP input (a float
+        input has no mantissas, so such a layer keeps simulating)."""
+        return self.backend == "int" and self.act_format is not None
 
     @property
     def kind(self) -> str:
@@ -113,6 +129,32 @@ def to_dsconv(module: nn.Module, weight_format: WeightFormat, act_format: ActFor
     return module
 
 
+def set_backend(model: nn.Module, backend: str) -> list[str]:
+    """Make every DSConv layer of `model` compute with `backend`, and return the names of the
+    layers that now run on integers.
+
+    "simulate": float arithmetic on the dequantized weights and BFP-rounded inputs. "int":
+    int8 VQK x int8 BFP mantissas summed in int32, then one float multiply-add per block and
+    tap (dsq.nn.int_backend; inference only). Under "int", layers with a float input (the
+    image input, or activation quantization off) keep simulating.
+    """
+    if backend not in BACKENDS:
+        raise DsqError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    layers = {name: m for name, m in model.named_modules() if is_dsconv(m)}
+    if not layers:
+        raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
+    if backend == "int":
+        if all(m.act_format is None for m in layers.values()):
+            raise DsqError("the int backend needs BFP inputs, but every layer has a float input: "
+                           "quantize with activation quantization on (act_bits, --act)")
+        for m in layers.values():
+            check_int_device(m.vqk.device)
+    for m in layers.values():
+        m.backend = backend
+        m._cache = None  # the int backend needs no float weight
+    return [name for name, m in layers.items() if m.runs_int]
+
+
 def is_dsconv(module: nn.Module) -> bool:
     return isinstance(module, DSConvMixin)
 
@@ -126,3 +168,16 @@ def layer_kind(module: nn.Module) -> str:
     if module.groups == module.in_channels:
         return "depthwise"
     return "grouped"
+
+
+def from_quantized(module: nn.Module, vqk: torch.Tensor, kds: torch.Tensor, layout: BlockLayout,
+                   weight_format: WeightFormat, act_format: ActFormat | None) -> nn.Module:
+    """Turn `module` into its DSConv version in place with the given VQK and KDS (no fitting),
+    e.g. to load a saved model into a float skeleton."""
+    module.__class__ = dsconv_class(type(module))
+    module._parameters.pop("weight", None)
+    module.register_buffer("vqk", vqk)
+    module.register_buffer("kds", kds)
+    module.weight_format, module.layout, module.act_format = weight_format, layout, act_format
+    module._cache = None
+    return module

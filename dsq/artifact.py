@@ -1,0 +1,365 @@
+"""The quantized model file (docs/file-format.md): a safetensors file holding each DSConv
+layer's VQK bit-packed at b bits and its KDS in the scale dtype, every other tensor of the
+state_dict as it is, and a JSON recipe in the metadata that says how to rebuild the model.
+
+No pickles: loading runs no code from the file, and it fits nothing: the skeleton's convs
+take the stored integers and scales directly.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .convert import QuantReport, scale_torch_dtype
+from .errors import DsqError
+from .fileio import atomic_path
+from .formats import ActFormat, BlockLayout, WeightFormat, pack_weight, unpack_weight
+from .nn import is_dsconv
+from .nn.dsconv import from_quantized
+
+FORMAT = "dsq"
+FORMAT_VERSION = 1
+PACKED, SCALES = "vqk.packed", "kds"  # per-layer keys: <layer>.vqk.packed, <layer>.kds
+MAX_HEADER_BYTES = 100 * 2**20
+SIGNATURE = b'{"__metadata__":{"dsq":'  # how safetensors starts the header of a file dsq wrote
+SAFETENSORS_BITS = {"F16": 16, "F32": 32}  # the scale dtypes, as the header names them
+
+
+def _key(layer: str, leaf: str) -> str:
+    return f"{layer}.{leaf}" if layer else leaf
+
+
+def _problem(e: Exception) -> str:
+    """The most telling line of an exception's message, cut to a readable length."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    line = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+# ---- writing ---------------------------------------------------------------------------------
+
+
+def dsconv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every DSConv layer, in module order."""
+    return [(name, m) for name, m in model.named_modules() if is_dsconv(m)]
+
+
+def _stored_scales(name: str, kds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The KDS in `dtype`; DsqError when that would change it (the reload must be bit-identical)."""
+    stored = kds.detach().cpu().to(dtype)
+    if not torch.equal(stored.to(kds.dtype), kds.detach().cpu()):
+        raise DsqError(f"layer {name}: its scales are not {str(dtype).removeprefix('torch.')} values; "
+                       "quantize with that scale dtype before saving")
+    return stored
+
+
+def _layer_recipe(module: nn.Module) -> dict:
+    """What rebuilding one DSConv layer needs besides its tensors."""
+    act = module.act_format
+    return {"shape": list(module.vqk.shape), "layout": module.layout.kind,
+            "weight_format": asdict(module.weight_format), "act_format": asdict(act) if act else None}
+
+
+def _file_tensors(qmodel: nn.Module, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Packed VQK and stored KDS of each DSConv layer, every other state entry as it is."""
+    state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
+    tensors = {}
+    for name, m in dsconv_layers(qmodel):
+        tensors[_key(name, PACKED)] = pack_weight(state.pop(_key(name, "vqk")), m.layout, m.weight_format.bits)
+        tensors[_key(name, SCALES)] = _stored_scales(name, state.pop(_key(name, SCALES)), scale_dtype)
+    tensors.update({k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()})
+    return tensors
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(path: str | os.PathLike, qmodel: nn.Module, report: QuantReport, *, arch: str | None = None,
+         num_classes: int | None = None, preset: dict | None = None,
+         accuracy: dict | None = None) -> FileSizes:
+    """Write `qmodel` and its recipe to `path` (atomically); returns the file's size accounting.
+
+    `arch` (a name dsq can build) and `num_classes` let `load` rebuild the model alone;
+    without them, `load` needs the float skeleton.
+    """
+    tensors = _file_tensors(qmodel, scale_torch_dtype(report.settings.get("scale_dtype", "float32")))
+    recipe = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dsq_version": __version__,
+        "arch": arch, "num_classes": num_classes, "preset": preset, "settings": report.settings,
+        "layers": {name: _layer_recipe(m) for name, m in dsconv_layers(qmodel)},
+        "report": report.to_dict(), "accuracy": accuracy, "sha256": _digest(tensors),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={FORMAT: json.dumps(recipe, default=str, separators=(",", ":"))})
+    return file_sizes(path)
+
+
+# ---- reading the header and the recipe -------------------------------------------------------
+
+
+def _header(path: str | os.PathLike) -> tuple[dict, int]:
+    """The JSON header of a safetensors file and its length in bytes (no tensor is read)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DsqError(f"{path} does not exist or is not a file")
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 2 <= size <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+            if _starts_like_dsq(path):
+                raise DsqError(f"{path} is truncated: the file ends inside its header")
+            raise DsqError(f"{path} is not a dsq model file (no safetensors header)")
+        try:
+            header = json.loads(f.read(size))
+        except ValueError:
+            header = None
+    if not isinstance(header, dict):
+        raise DsqError(f"{path} is not a dsq model file (its safetensors header is unreadable)")
+    return header, size
+
+
+def _metadata(header: dict) -> dict:
+    meta = header.get("__metadata__")
+    return meta if isinstance(meta, dict) else {}
+
+
+def _starts_like_dsq(path: str | os.PathLike) -> bool:
+    """Whether the file begins as dsq files begin (true of a truncated one too)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(8 + len(SIGNATURE))[8:] == SIGNATURE
+    except OSError:
+        return False
+
+
+def is_dsq_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a dsq model file, or a damaged one (`load` then says what is wrong)."""
+    try:
+        return FORMAT in _metadata(_header(path)[0])
+    except DsqError:
+        return _starts_like_dsq(path)
+
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    """The JSON recipe of a dsq file; DsqError if `path` is not one, or one this dsq cannot read."""
+    meta = _metadata(_header(path)[0])
+    if FORMAT not in meta:
+        raise DsqError(f"{path} is a safetensors file but not a dsq model (no dsq recipe inside)")
+    try:
+        recipe = json.loads(meta[FORMAT])
+    except ValueError:
+        recipe = None
+    if not isinstance(recipe, dict):
+        raise DsqError(f"{path} is damaged: its dsq recipe is not readable JSON")
+    _check_version(path, recipe.get("format_version"))
+    return recipe
+
+
+def _check_version(path, version) -> None:
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise DsqError(f"{path} has dsq file format version {version}, newer than this dsq {__version__} "
+                       f"reads (up to {FORMAT_VERSION}): upgrade dsq")
+    if version != FORMAT_VERSION:
+        raise DsqError(f"{path} has an unknown dsq file format version {version!r} (this dsq reads {FORMAT_VERSION})")
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def _read_tensors(path, recipe: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, checked against the recipe's SHA-256."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DsqError(f"{path} is damaged or truncated: cannot read its tensors ({_problem(e)})") from None
+    if _digest(tensors) != recipe.get("sha256"):
+        raise DsqError(f"{path} is damaged: its tensors do not match the checksum in its recipe")
+    return tensors
+
+
+def _skeleton(path, recipe: dict, skeleton: nn.Module | None) -> nn.Module:
+    """A copy of the given float skeleton, or the recipe's architecture built by name."""
+    if skeleton is not None:
+        return copy.deepcopy(skeleton).eval()
+    if not recipe.get("arch"):
+        raise DsqError(f"{path} does not name an architecture dsq can build: pass the float skeleton "
+                       "(dsq.load(path, skeleton=model))")
+    from .models import build_model  # imported here: torchvision and friends load only when needed
+
+    return build_model(recipe["arch"], recipe.get("num_classes"))
+
+
+def _restore_layer(path, model: nn.Module, name: str, layer: dict, tensors: dict) -> None:
+    """Make the skeleton's layer `name` a DSConv holding the file's VQK and KDS."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise DsqError(f"{path} does not fit the model: it has no layer {name!r}") from None
+    shape = list(getattr(module, "weight", torch.empty(0)).shape)
+    if not isinstance(module, (nn.Conv2d, nn.Linear)) or shape != layer["shape"]:
+        raise DsqError(f"{path} does not fit the model: layer {name} is a {layer['shape']} conv in the file "
+                       f"but a {type(module).__name__} of weight shape {shape} in the model")
+    fmt = WeightFormat(**layer["weight_format"])
+    act = ActFormat(**layer["act_format"]) if layer["act_format"] else None
+    layout = BlockLayout(layer["layout"], fmt.block, tuple(shape + [1] * (4 - len(shape))))
+    vqk = unpack_weight(tensors.pop(_key(name, PACKED)), layout, fmt.bits).reshape(shape)
+    kds = tensors[_key(name, SCALES)].float()
+    if tuple(kds.shape) != layout.scale_shape:
+        raise DsqError(f"{path} is damaged: layer {name} has scales of shape {list(kds.shape)}, "
+                       f"expected {list(layout.scale_shape)}")
+    from_quantized(module, vqk, kds, layout, fmt, act)
+    tensors[_key(name, "vqk")], tensors[_key(name, SCALES)] = vqk, kds
+
+
+def load(path: str | os.PathLike, skeleton: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the quantized model of a dsq file; returns (model, recipe).
+
+    The architecture is rebuilt by name from the recipe; for models dsq cannot build by
+    name, pass the float `skeleton` (any weights: a copy of it takes the file's tensors).
+    """
+    recipe = read_recipe(path)
+    tensors = _read_tensors(path, recipe)
+    model = _skeleton(path, recipe, skeleton)
+    try:
+        for name, layer in recipe["layers"].items():
+            _restore_layer(path, model, name, layer, tensors)
+    except (KeyError, TypeError) as e:
+        raise DsqError(f"{path} is damaged: its recipe or tensors lack {_problem(e)}") from None
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise DsqError(f"{path} does not fit the model: {_problem(e)}") from None
+    return model.eval(), recipe
+
+
+# ---- size accounting -------------------------------------------------------------------------
+
+
+@dataclass
+class LayerSize:
+    """What one quantized layer's weight takes in the file, and its theoretical minimum."""
+
+    name: str
+    shape: list[int]
+    layout: str
+    act: str  # the layer's input: "bfp<bits>/<block>" or "float"
+    params: int
+    bits: int
+    n_scales: int
+    scale_bits: int
+    file_bytes: int  # packed VQK + KDS as stored
+
+    @property
+    def float_bytes(self) -> int:
+        return 4 * self.params
+
+    @property
+    def min_bytes(self) -> float:
+        """b bits per weight plus s bits per scale: b + s / L bits per weight."""
+        return (self.params * self.bits + self.n_scales * self.scale_bits) / 8
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.file_bytes / self.params
+
+
+@dataclass
+class FileSizes:
+    """Size accounting of a dsq file: quantized layers, float parts, header, and minimum."""
+
+    path: str
+    layers: list[LayerSize]
+    float_bytes: int  # every other tensor (BatchNorm, biases, layers kept float), as stored
+    file_bytes: int
+    model_float_bytes: int  # the float model's state_dict in float32: the float checkpoint's tensors
+
+    @property
+    def quantized_float_bytes(self) -> int:
+        return sum(r.float_bytes for r in self.layers)
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(r.file_bytes for r in self.layers)
+
+    @property
+    def min_bytes(self) -> float:
+        return sum(r.min_bytes for r in self.layers) + self.float_bytes
+
+    @property
+    def header_bytes(self) -> int:
+        """The safetensors header: tensor index and recipe."""
+        return self.file_bytes - self.quantized_bytes - self.float_bytes
+
+    @property
+    def above_min(self) -> float:
+        """How far the file is above its theoretical minimum, as a fraction."""
+        return self.file_bytes / self.min_bytes - 1
+
+    @property
+    def weight_ratio(self) -> float:
+        """float32 bytes of the quantized layers' weights over their bytes in the file."""
+        return self.quantized_float_bytes / max(self.quantized_bytes, 1)
+
+    @property
+    def ratio(self) -> float:
+        """Float model bytes over file bytes."""
+        return self.model_float_bytes / self.file_bytes
+
+    def to_dict(self) -> dict:
+        props = ("quantized_float_bytes", "quantized_bytes", "header_bytes", "min_bytes", "above_min",
+                 "weight_ratio", "ratio")
+        layers = [{**asdict(r), "float_bytes": r.float_bytes, "min_bytes": r.min_bytes,
+                   "bits_per_weight": r.bits_per_weight} for r in self.layers]
+        return {**asdict(self), "layers": layers, **{p: getattr(self, p) for p in props}}
+
+
+def act_label(act_format: dict | None) -> str:
+    return f"bfp{act_format['bits']}/{act_format['block']}" if act_format else "float"
+
+
+def _tensor_bytes(path, header: dict, header_size: int) -> dict[str, int]:
+    """Bytes of every tensor, from the header; DsqError when the file is shorter than it says."""
+    spans = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
+    end = 8 + header_size + max((stop for _, stop in spans.values()), default=0)
+    if Path(path).stat().st_size < end:
+        raise DsqError(f"{path} is truncated: its header needs {end} bytes, the file has {Path(path).stat().st_size}")
+    return {k: stop - start for k, (start, stop) in spans.items()}
+
+
+def _layer_size(name: str, layer: dict, header: dict, nbytes: dict[str, int]) -> LayerSize:
+    scales = header[_key(name, SCALES)]
+    return LayerSize(
+        name=name, shape=layer["shape"], layout=layer["layout"], act=act_label(layer["act_format"]),
+        params=int(torch.Size(layer["shape"]).numel()),
+        bits=layer["weight_format"]["bits"], n_scales=int(torch.Size(scales["shape"]).numel()),
+        scale_bits=SAFETENSORS_BITS[scales["dtype"]],
+        file_bytes=nbytes.pop(_key(name, PACKED)) + nbytes.pop(_key(name, SCALES)),
+    )
+
+
+def file_sizes(path: str | os.PathLike) -> FileSizes:
+    """Per-layer and whole-file size accounting, from the header alone (no tensor is read)."""
+    recipe, (header, header_size) = read_recipe(path), _header(path)
+    try:
+        nbytes = _tensor_bytes(path, header, header_size)
+        layers = [_layer_size(name, layer, header, nbytes) for name, layer in recipe["layers"].items()]
+        model_float_bytes = recipe["report"]["model_float_bytes"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise DsqError(f"{path} is damaged: its recipe or header lacks {_problem(e)}") from None
+    return FileSizes(str(path), layers, sum(nbytes.values()), Path(path).stat().st_size, model_float_bytes)

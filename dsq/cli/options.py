@@ -1,0 +1,189 @@
+"""Options shared by several commands, and turning them into library objects."""
+from __future__ import annotations
+
+import functools
+import os
+
+import click
+
+from ..convert import DEFAULT_DEPTHWISE_BITS, DEFAULT_SCALE_DTYPE, SCALE_DTYPES
+from ..data import get_preset, open_dataset
+from ..fileio import check_writable
+from ..formats import DEFAULT_ROUNDS, DEFAULT_SUM_WEIGHT, LAYOUTS, METHODS
+from ..formats.spec import MAX_BITS, MIN_BITS
+from ..nn import BACKENDS
+
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+def stack(*decorators):
+    """Apply click option decorators in the order they are listed (first one shows first)."""
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+class GlobBits(click.ParamType):
+    """'GLOB=BITS' -> (GLOB, BITS), BITS a valid weight bit width."""
+
+    name = "GLOB=BITS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        glob, _, bits = str(value).rpartition("=")
+        if not glob or not bits.strip().isdigit() or not MIN_BITS <= int(bits) <= MAX_BITS:
+            self.fail(f"{value!r} is not GLOB=BITS with BITS from {MIN_BITS} to {MAX_BITS}, e.g. 'conv1=8'", param, ctx)
+        return glob, int(bits)
+
+
+class IntList(click.ParamType):
+    """'2,3,4' -> [2, 3, 4] (duplicates dropped), each whole number from `low` to `high`."""
+
+    name = "N,N,..."
+
+    def __init__(self, low: int, high: int | None = None):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        parts = [p.strip() for p in str(value).split(",")]
+        top = "" if self.high is None else f" to {self.high}"
+        if not all(p.isdigit() and self.low <= int(p) <= (self.high or int(p)) for p in parts):
+            self.fail(f"{value!r} is not a comma-separated list of whole numbers from {self.low}{top}", param, ctx)
+        return list(dict.fromkeys(map(int, parts)))
+
+
+model_options = stack(
+    click.argument("model"),
+    click.option("--arch", help="Architecture of a weights file, when its name does not say it "
+                                "(e.g. resnet50, cifar_resnet20, efficientnet_lite0)."),
+    click.option("--trust-pickle", is_flag=True, default=False, show_default=True,
+                 help="Allow a full pickle checkpoint; it can run code, so only for files you trust."),
+)
+
+grid_options = stack(
+    click.option("-b", "--bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=4, show_default=True,
+                 help="Bits per weight integer (VQK)."),
+    click.option("--block", type=click.IntRange(min=1), default=32, show_default=True,
+                 help="Block size: weights sharing one scale (KDS), channels sharing one exponent."),
+)
+
+recipe_options = stack(
+    click.option("--method", type=click.Choice(METHODS), default="l2", show_default=True,
+                 help="How the KDS is fitted: closed-form L2 or KL divergence."),
+    click.option("--rounds", type=click.IntRange(min=0), default=DEFAULT_ROUNDS, show_default=True,
+                 help="L2 refinement rounds after the paper's one-pass fit (0: the paper's method)."),
+    click.option("--sum-weight", type=click.FloatRange(min=0), default=DEFAULT_SUM_WEIGHT, show_default=True,
+                 help="Weight of each block's sum error in the L2 scale fit (0: plain least squares, "
+                      "the paper's); the default suits inputs after BN + ReLU."),
+    click.option("--layout", type=click.Choice(LAYOUTS), default="auto", show_default=True,
+                 help="Block layout: channel blocks, flat (in-channels x taps) blocks, or auto "
+                      "(flat for grouped or depthwise convs with fewer input channels per group than the block)."),
+    click.option("--act/--no-act", "act", default=True, show_default=True,
+                 help="Round conv inputs to block floating point (BFP)."),
+    click.option("--act-bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=8, show_default=True,
+                 help="BFP mantissa bits, sign included."),
+    click.option("--act-block", type=click.IntRange(min=1), default=None,
+                 help="Channels per BFP block  [default: --block]"),
+    click.option("--quantize-image-input/--float-image-input", default=False, show_default=True,
+                 help="Round the first conv's input (the image) to BFP too."),
+    click.option("--include", multiple=True, default=("*",), show_default=True,
+                 help="Glob on layer names to quantize; repeatable."),
+    click.option("--exclude", "--keep-float", "exclude", multiple=True, default=(),
+                 help="Glob on layer names to keep float; repeatable."),
+    click.option("--layer-bits", type=GlobBits(), multiple=True, default=(),
+                 help="Give the layers whose names match GLOB BITS-bit weights instead of --bits "
+                      "(the first matching GLOB wins); repeatable, e.g. 'conv1=8'."),
+    click.option("--depthwise-bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=DEFAULT_DEPTHWISE_BITS,
+                 show_default=True, help="Bits of depthwise convs' weights (--layer-bits globs take precedence)."),
+    click.option("--quantize-linear/--float-linear", default=False, show_default=True,
+                 help="Quantize linear layers too (as 1x1 convs)."),
+    click.option("--scale-dtype", type=click.Choice(list(SCALE_DTYPES)), default=DEFAULT_SCALE_DTYPE,
+                 show_default=True, help="Precision of the KDS scales, in the model and in the -o file; "
+                                         "float16 saves 16 bits per block (4.5 instead of 5 bits per weight at "
+                                         "4 bits, block 32)."),
+)
+
+format_options = stack(grid_options, recipe_options)
+
+backend_option = click.option(
+    "--backend", type=click.Choice(BACKENDS), default="simulate", show_default=True,
+    help="How quantized layers compute: simulate (float arithmetic on the quantized values) or int "
+         "(int8 weights x int8 BFP mantissas summed in int32; layers with a float input keep simulating).")
+
+
+def quant_kwargs(o: dict) -> dict:
+    """The `dsq.quantize` arguments from the parsed format options."""
+    return dict(bits=o["bits"], block=o["block"], method=o["method"], rounds=o["rounds"],
+                sum_weight=o["sum_weight"], layout=o["layout"],
+                act_bits=o["act_bits"] if o["act"] else None, act_block=o["act_block"],
+                include=tuple(o["include"]), exclude=tuple(o["exclude"]), layer_bits=dict(o["layer_bits"]),
+                depthwise_bits=o["depthwise_bits"],
+                quantize_linear=o["quantize_linear"], quantize_image_input=o["quantize_image_input"],
+                scale_dtype=o["scale_dtype"])
+
+
+def data_options(required: bool):
+    return stack(
+        click.option("--data", "data", type=click.Path(), required=required,
+                     help="Labelled images: one sub-folder per class, or ImageNet val as Kaggle, the devkit or "
+                          "torchvision lay it out (the layout is detected and named)."),
+        click.option("--classes", type=click.Path(),
+                     help="Text file of class names in the model's output order, one per line "
+                          "(needed for wnid folders when not all 1000 are present, and for Kaggle's CSV)."),
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="Evaluate N images spread evenly over the data  [default: all]"),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("-j", "--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True,
+                     help="Image decoding processes."),
+        click.option("--device", default="cpu", show_default=True, help="Where to evaluate: cpu, cuda, cuda:1, ..."),
+        click.option("--preset", help="Preprocessing preset (imagenet, efficientnet_lite0/1/2, cifar10)  "
+                                      "[default: the model's]"),
+        click.option("--resize", help="Override the preset's resize (shorter side, pixels)."),
+        click.option("--crop", help="Override the preset's centre crop (pixels)."),
+        click.option("--mean", help="Override the preset's mean, e.g. 0.485,0.456,0.406."),
+        click.option("--std", help="Override the preset's std, e.g. 0.229,0.224,0.225."),
+    )
+
+
+def preset_from(o: dict, model_preset: str):
+    return get_preset(o["preset"] or model_preset).replace(
+        resize=o["resize"], crop=o["crop"], mean=o["mean"], std=o["std"])
+
+
+def dataset_from(o: dict, preset):
+    """The labelled dataset named by --data (None when not given)."""
+    if not o["data"]:
+        return None
+    return open_dataset(o["data"], preset.transform(), o["classes"])
+
+
+def eval_kwargs(o: dict) -> dict:
+    return dict(batch_size=o["batch_size"], workers=o["workers"], limit=o["limit"], device=o["device"])
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, default=False, help="No progress bars or per-layer table.")
+
+output_options = stack(
+    click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all results as JSON here."),
+    quiet_option,
+)
+
+
+OUTPUT_KEYS = ("output", "json_path", "csv_path", "plot_path")
+
+
+def pass_options(f):
+    """Collect every option into one dict argument `o` (commands read what they need), after
+    checking that every output file named can be written, so no work is lost at the end."""
+    @functools.wraps(f)
+    def wrapper(**o):
+        for key in OUTPUT_KEYS:
+            if o.get(key):
+                check_writable(o[key])
+        return f(o)
+    return wrapper

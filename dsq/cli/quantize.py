@@ -1,0 +1,67 @@
+"""`dsq quantize`: quantize a float model, report per layer, optionally evaluate and save."""
+from __future__ import annotations
+
+import click
+
+from .. import artifact, report
+from ..errors import DsqError
+from ..fileio import write_json
+from ..models import load_model
+from ..workflow import quantize_and_evaluate
+from .options import (backend_option, data_options, dataset_from, eval_kwargs, format_options, model_options,
+                      output_options, pass_options, preset_from, quant_kwargs)
+
+LOW_FLOAT_WARNING = 15.0  # points below the published top-1 that suggest wrong preprocessing or labels
+
+
+@click.command("quantize")
+@model_options
+@format_options
+@data_options(required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the quantized model here (a safetensors file dsq loads again).")
+@backend_option
+@output_options
+@pass_options
+def quantize_command(o):
+    """Quantize MODEL (a weights file or a model name) to DSConv and report per layer.
+
+    With --data, evaluate the float and the quantized model on the same images.
+    """
+    if artifact.is_dsq_file(o["model"]):
+        raise DsqError(f"{o['model']} is already a quantized dsq model: evaluate it with `dsq eval`, "
+                       "look inside with `dsq inspect`, or quantize the float checkpoint instead")
+    loaded = load_model(o["model"], o["arch"], o["trust_pickle"])
+    preset = preset_from(o, loaded.preset)
+    dataset = dataset_from(o, preset)
+    if dataset is not None:
+        click.echo(f"data: {dataset.describe()}", err=True)
+    run = quantize_and_evaluate(loaded, dataset, eval_options=eval_kwargs(o), progress=not o["quiet"],
+                                backend=o["backend"], **quant_kwargs(o))
+    show_run(run, quiet=o["quiet"])
+    if o["output"]:
+        artifact.save(o["output"], run.qmodel, run.report, arch=loaded.arch, num_classes=loaded.num_classes,
+                      preset=preset.to_dict(), accuracy=run.accuracy_dict())
+        click.echo(f"wrote {o['output']}")
+    if o["json_path"]:
+        write_json(o["json_path"], run.to_dict())
+        click.echo(f"wrote {o['json_path']}")
+
+
+def show_run(run, quiet: bool = False) -> None:
+    """Print the per-layer table, the summary and the accuracy table of a run."""
+    if not quiet:
+        click.echo(report.layer_table(run.report))
+        click.echo()
+    click.echo(report.summary(run.report))
+    if run.accuracy:
+        click.echo()
+        click.echo(report.accuracy_table(run.accuracy))
+        warn_low_float(run)
+
+
+def warn_low_float(run) -> None:
+    known, measured = run.loaded.known_top1, run.accuracy["float"]
+    if known is not None and measured.images >= 500 and measured.top1 < known - LOW_FLOAT_WARNING:
+        click.echo(f"warning: float top-1 {measured.top1:.1f} % is far below the {known:.1f} % these weights "
+                   "reach: check the preprocessing (--preset) and the labels (--classes)", err=True)

@@ -1,0 +1,50 @@
+"""What `dsq sweep` and `dsq sensitivity` share: their output options, loading, and finishing."""
+from __future__ import annotations
+
+import click
+
+from ..data import check_labels
+from ..errors import DsqError
+from ..models import load_model
+from .options import dataset_from, preset_from, stack
+
+
+def run_options(default_output: str):
+    return stack(
+        click.option("-o", "--output", default=default_output, show_default=True, metavar="STEM",
+                     help="Write STEM.json, STEM.csv and STEM.png; STEM.json is also where an interrupted run "
+                          "resumes from."),
+        click.option("--resume/--no-resume", default=True, show_default=True,
+                     help="Skip the models STEM.json already holds from a run with the same settings."),
+        click.option("--per-pass", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Models evaluated together on each pass over the images (each image is decoded once "
+                          "for all of them); results are saved after every pass."),
+    )
+
+
+def load_model_and_data(o: dict):
+    """The model, the dataset, and the settings that identify a run on them (for resuming)."""
+    loaded = load_model(o["model"], o["arch"], o["trust_pickle"])
+    preset = preset_from(o, loaded.preset)
+    dataset = dataset_from(o, preset)
+    click.echo(f"data: {dataset.describe()}", err=True)
+    check_labels(dataset, loaded.num_classes)
+    settings = {"model": o["model"], "arch": loaded.arch, "data": dataset.describe(), "limit": o["limit"],
+                "preset": preset.to_dict()}
+    return loaded, dataset, settings
+
+
+def announce(run) -> None:
+    if run.resumed:
+        click.echo(f"resuming {run.path('json')}: {run.resumed} models already evaluated there", err=True)
+
+
+def finish(run, plot) -> None:
+    """Draw STEM.png with `plot` (a warning if matplotlib is missing) and say what was written."""
+    written = [run.path("json"), run.path("csv")]
+    try:
+        plot(run, run.path("png"))
+        written.append(run.path("png"))
+    except DsqError as error:
+        click.echo(f"warning: no plot: {error}", err=True)
+    click.echo(f"wrote {', '.join(written)}")

@@ -1,0 +1,78 @@
+"""Accuracy over a grid of weight bits x block sizes: the float model once, then every point.
+
+    sweep = Sweep([2, 4, 8], [16, 32], {"method": "l2"}, output="sweep")
+    sweep.run(model, dataset)          # writes sweep.json and sweep.csv after every pass
+    sweep.rows()                       # one row per point: bits/w, size, top-1, top-5, drop
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from torch import nn
+
+from .convert import quantize, state_bytes
+from .resume import ResumableRun
+
+FLOAT = "float"
+
+
+def point_name(bits: int, block: int) -> str:
+    return f"{bits}b/{block}"
+
+
+class Sweep(ResumableRun):
+    """Every combination of `bits` and `blocks`, with the other `quantize` options shared."""
+
+    kind = "dsq sweep"
+    rows_key = "points"
+
+    def __init__(self, bits: Sequence[int], blocks: Sequence[int], quant_options: dict, **run_options):
+        self.bits, self.blocks = list(bits), list(blocks)
+        super().__init__(quant_options, **run_options)
+
+    @property
+    def grid(self) -> list[tuple[int, int]]:
+        return [(bits, block) for bits in self.bits for block in self.blocks]
+
+    def run(self, model: nn.Module, dataset, **options) -> Sweep:
+        """Evaluate the float model and every point not done yet (`options` go to `evaluate`)."""
+        builders = {FLOAT: lambda: (model, {"bits_per_weight": 32.0, "size_bytes": state_bytes(model)})}
+        for bits, block in self.grid:
+            builders[point_name(bits, block)] = lambda bits=bits, block=block: self._quantize(model, bits, block)
+        self.evaluate(builders, dataset, **options)
+        return self
+
+    def _quantize(self, model: nn.Module, bits: int, block: int) -> tuple[nn.Module, dict]:
+        qmodel, report = quantize(model, bits=bits, block=block, **self.quant_options)
+        return qmodel, {"bits": bits, "block": block, "bits_per_weight": report.mean_bits_per_weight,
+                        "size_bytes": report.model_quantized_bytes, "compression": report.compression,
+                        "quantize_seconds": report.seconds}
+
+    @property
+    def pending(self) -> int:
+        """Models (float included) still to evaluate."""
+        return sum(name not in self.results for name in [FLOAT, *(point_name(*p) for p in self.grid)])
+
+    def rows(self) -> list[dict]:
+        """One row per finished point, in grid order, with the float baseline and the drop."""
+        base = self.results.get(FLOAT)
+        q = self.settings["quantization"]
+        rows = []
+        for bits, block in self.grid:
+            r = self.results.get(point_name(bits, block))
+            if r is None or base is None:
+                continue
+            rows.append({
+                "model": self.settings.get("model"), "bits": bits, "block": block,
+                "act_bits": q.get("act_bits"), "method": q.get("method"), "layout": q.get("layout"),
+                "bits_per_weight": round(r["bits_per_weight"], 4), "size_bytes": r["size_bytes"],
+                "compression": round(r["compression"], 3),
+                "float_top1": base["top1"], "float_top5": base["top5"], "top1": r["top1"], "top5": r["top5"],
+                "drop_top1": round(r["top1"] - base["top1"], 4), "drop_top5": round(r["top5"] - base["top5"], 4),
+                "images": r["images"], "quantize_seconds": round(r["quantize_seconds"], 2),
+                "eval_seconds": round(r["seconds"], 2),
+            })
+        return rows
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "grid": {"bits": self.bits, "block": self.blocks}}

@@ -1,0 +1,69 @@
+"""The main job as one library call: load, quantize, evaluate before and after, report."""
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .convert import QuantReport, quantize
+from .data import check_labels
+from .evaluate import Accuracy, evaluate
+from .models import LoadedModel
+
+
+@dataclass
+class QuantizeRun:
+    """Everything one `dsq quantize` produced, ready for tables and JSON."""
+
+    loaded: LoadedModel
+    qmodel: nn.Module
+    report: QuantReport
+    accuracy: dict[str, Accuracy] = field(default_factory=dict)
+    data: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def drop(self) -> dict[str, float] | None:
+        if not self.accuracy:
+            return None
+        f, q = self.accuracy["float"], self.accuracy["quantized"]
+        return {"top1": f.top1 - q.top1, "top5": f.top5 - q.top5}  # points lost: positive is worse
+
+    def accuracy_dict(self) -> dict | None:
+        if not self.accuracy:
+            return None
+        return {**{k: v.to_dict() for k, v in self.accuracy.items()}, "drop": self.drop}
+
+    def to_dict(self) -> dict:
+        return {
+            "model": {"source": self.loaded.source, "arch": self.loaded.arch, "preset": self.loaded.preset,
+                      "num_classes": self.loaded.num_classes, "known_top1": self.loaded.known_top1},
+            "quantization": self.report.to_dict(),
+            "data": self.data,
+            "accuracy": self.accuracy_dict(),
+            "versions": versions(),
+            "wall_seconds": self.seconds,
+        }
+
+
+def versions() -> dict:
+    return {"dsq": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def quantize_and_evaluate(loaded: LoadedModel, dataset=None, *, eval_options: dict | None = None,
+                          progress: bool = True, **quant_options) -> QuantizeRun:
+    """Quantize `loaded.model`; with a dataset, evaluate float and quantized on the same images."""
+    started = time.perf_counter()
+    qmodel, report = quantize(loaded.model, progress=progress, **quant_options)
+    run = QuantizeRun(loaded, qmodel, report)
+    if dataset is not None:
+        check_labels(dataset, loaded.num_classes)
+        run.accuracy = evaluate({"float": loaded.model, "quantized": qmodel}, dataset,
+                                progress=progress, **(eval_options or {}))
+        run.data = dataset.describe()
+    run.seconds = time.perf_counter() - started
+    return run
