@@ -169,9 +169,9 @@ def plot_sweep(sweep, path) -> None:
         if not line:
             continue
         x, y, _ = zip(*line)
-        ax.plot(x, y, marker="o", label=f"block {block}")
+        color = ax.plot(x, y, marker="o", label=f"block {block}")[0].get_color()
         for xi, yi, b in line:
-            ax.annotate(f"{b}b", (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=7)
+            ax.annotate(f"{b}b", (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=7, color=color)
     base = sweep.results["float"]
     ax.axhline(base["top1"], color="black", linestyle="--", linewidth=1, label=f"float {base['top1']:.2f} %")
     method = sweep.settings["quantization"].get("method", "l2")

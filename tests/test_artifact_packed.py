@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import dsq
 from dsq import artifact
+from dsq.convert import DEFAULT_SCALE_DTYPE
 from dsq.nn import is_dsconv
 from zoo import build, example_input
 
@@ -72,27 +73,27 @@ SMALL_X = torch.randn(2, 3, 10, 10, generator=torch.Generator().manual_seed(5))
 
 @pytest.fixture(scope="module")
 def resnet50_file(tmp_path_factory):
-    """torchvision ResNet-50 (random weights) at 4 bits, block 32, default (float16) scales, saved by name.
+    """torchvision ResNet-50 (random weights) at 4 bits, block 32, float16 scales, saved by name.
 
     rounds=0 only to save time: the refinement changes neither sizes nor the reload."""
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
-    qmodel, report = dsq.quantize(model, bits=4, block=BLOCK, rounds=0)
+    qmodel, report = dsq.quantize(model, bits=4, block=BLOCK, rounds=0, scale_dtype="float16")
     path = tmp_path_factory.mktemp("r50") / "resnet50.dsq"
     sizes = dsq.save(path, qmodel, report, arch="resnet50", num_classes=1000)
     return model, qmodel, path, sizes
 
 
-def _resnet50_minimum(model: nn.Module, scale_bytes: int) -> tuple[float, float]:
-    """(conv weights, whole file) theoretical minimum in bytes, from the layer shapes alone:
-    b bits per weight plus one scale per channel block of 32 at each (out channel, tap)."""
+def _resnet50_minimum(model: nn.Module, scale_bytes: int) -> float:
+    """The file's theoretical minimum in bytes, from the layer shapes alone: 4 bits per conv
+    weight plus one scale per channel block of 32 at each (out channel, tap), and the float parts."""
     conv_min = 0.0
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             o, i, kh, kw = m.weight.shape
             conv_min += m.weight.numel() * 4 / 8 + o * math.ceil(i / BLOCK) * kh * kw * scale_bytes
     convs = {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    return conv_min, conv_min + _float_part_bytes(model, convs)
+    return conv_min + _float_part_bytes(model, convs)
 
 
 def test_resnet50_conv_weights_take_6_5x_fewer_bytes_than_float32(resnet50_file):
@@ -107,7 +108,7 @@ def test_resnet50_conv_weights_take_6_5x_fewer_bytes_than_float32(resnet50_file)
 
 def test_resnet50_file_is_within_2_percent_of_its_theoretical_minimum(resnet50_file):
     model, _, path, sizes = resnet50_file
-    _, minimum = _resnet50_minimum(model, SCALE_BYTES["float16"])
+    minimum = _resnet50_minimum(model, SCALE_BYTES["float16"])
     size = path.stat().st_size
     assert minimum <= size <= 1.02 * minimum, (size, minimum, size / minimum - 1)
     assert sizes.file_bytes == size and sizes.min_bytes == pytest.approx(minimum)
@@ -142,13 +143,14 @@ def test_every_bit_width_reloads_bit_identical_at_its_minimum_size(tmp_path, sma
                                 quantize_linear=True)
     reloaded, _ = dsq.load(path, skeleton=small_net)
     assert torch.equal(_logits(reloaded, SMALL_X), _logits(qmodel, SMALL_X))
-    nbytes = _tensor_nbytes(path)
+    nbytes, layer_bits = _tensor_nbytes(path), []
     for name, m in small_net.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            assert nbytes[f"{name}.vqk.packed"] == math.ceil(m.weight.numel() * bits / 8)
-            n_scales = qmodel.get_submodule(name).kds.numel()
-            assert nbytes[f"{name}.kds"] == n_scales * SCALE_BYTES[scale_dtype]
-    assert [r.bits for r in sizes.layers] == [bits] * 4
+            q = qmodel.get_submodule(name)
+            layer_bits.append(q.weight_format.bits)  # `bits`, or a per-kind default such as depthwise_bits
+            assert nbytes[f"{name}.vqk.packed"] == math.ceil(m.weight.numel() * layer_bits[-1] / 8)
+            assert nbytes[f"{name}.kds"] == q.kds.numel() * SCALE_BYTES[scale_dtype]
+    assert bits in layer_bits and [r.bits for r in sizes.layers] == layer_bits
 
 
 def test_float16_scales_are_rounded_at_quantize_time(small_net):
@@ -159,18 +161,19 @@ def test_float16_scales_are_rounded_at_quantize_time(small_net):
         assert kds16.dtype == torch.float32 and torch.equal(kds16, kds32.half().float())
         assert torch.equal(q16.get_submodule(name).vqk, q32.get_submodule(name).vqk)
     for row16, row32 in zip(r16.quantized_layers, r32.quantized_layers):
-        n, n_scales = row16.params, q16.get_submodule(row16.name).kds.numel()
-        assert row16.packed_bytes == math.ceil(n * 4 / 8) + 2 * n_scales
-        assert row32.packed_bytes == math.ceil(n * 4 / 8) + 4 * n_scales
-        assert row16.bits_per_weight == pytest.approx(4 + 16 * n_scales / n)
-        assert row32.bits_per_weight == pytest.approx(4 + 32 * n_scales / n)
+        n, b, n_scales = row16.params, row16.bits, q16.get_submodule(row16.name).kds.numel()
+        assert row16.packed_bytes == math.ceil(n * b / 8) + 2 * n_scales
+        assert row32.packed_bytes == math.ceil(n * b / 8) + 4 * n_scales
+        assert row16.bits_per_weight == pytest.approx(b + 16 * n_scales / n)
+        assert row32.bits_per_weight == pytest.approx(b + 32 * n_scales / n)
     assert r16.settings["scale_dtype"] == "float16" and r32.settings["scale_dtype"] == "float32"
 
 
-def test_float16_is_the_default_and_stored_as_float16(tmp_path, small_net):
-    _, path, _ = _save(tmp_path, small_net)
+@pytest.mark.parametrize("scale_dtype", [None, "float16", "float32"])
+def test_scales_are_stored_in_the_scale_dtype(tmp_path, small_net, scale_dtype):
+    _, path, _ = _save(tmp_path, small_net, **({"scale_dtype": scale_dtype} if scale_dtype else {}))
     with safe_open(str(path), framework="pt") as f:
-        assert f.get_tensor("pw.kds").dtype == torch.float16
+        assert f.get_tensor("pw.kds").dtype == getattr(torch, scale_dtype or DEFAULT_SCALE_DTYPE)
         assert f.get_tensor("pw.vqk.packed").dtype == torch.uint8
         assert f.get_tensor("pw.bias").dtype == torch.float32  # float parts as they are
         assert "pw.vqk" not in f.keys() and "pw.weight" not in f.keys()
@@ -181,6 +184,8 @@ def test_an_unknown_scale_dtype_is_refused(small_net, one_line_dsq_error):
 
 
 def test_saving_refuses_scales_the_file_cannot_hold_exactly(tmp_path, small_net, one_line_dsq_error):
+    """The file keeps the scales in the dtype the run says; a model whose scales that dtype
+    cannot hold exactly would not reload bit-identical."""
     qmodel, report = dsq.quantize(small_net, scale_dtype="float32")
     report.settings["scale_dtype"] = "float16"
     one_line_dsq_error(dsq.save, tmp_path / "m.dsq", qmodel, report)
@@ -192,9 +197,10 @@ def test_saving_refuses_scales_the_file_cannot_hold_exactly(tmp_path, small_net,
 
 @pytest.fixture(scope="module")
 def mobilenet_file(tmp_path_factory):
-    """MobileNetV2 (depthwise convs: flat blocks) at 3 bits, block 16, KL scales, its last conv kept float."""
+    """MobileNetV2 (depthwise convs: flat blocks) at 3 bits, block 16, KL float16 scales, last conv float."""
     model = build("mobilenet_v2")
-    qmodel, report = dsq.quantize(model, bits=3, block=16, method="kl", exclude=("features.18.*",))
+    qmodel, report = dsq.quantize(model, bits=3, block=16, method="kl", exclude=("features.18.*",),
+                                  scale_dtype="float16")
     path = tmp_path_factory.mktemp("mnv2") / "m.dsq"
     dsq.save(path, qmodel, report, arch="mobilenet_v2", num_classes=10, accuracy=ACCURACY)
     return model, qmodel, report, path

@@ -18,8 +18,8 @@ from zoo import (ZOO, RefBFP, build, convs, example_input, linears, pristine_sta
                  ref_scale_shape)
 
 BITS_LOW, BITS_HIGH = 4, 8
-# KDS scales are stored as float16 unless asked otherwise (spec section 5: 4-bit, B = 32,
-# float16 scales -> 4.5 bits per weight)
+# The zoo runs store KDS scales as float16 (spec section 5: 4-bit, B = 32, float16 scales -> 4.5 bits)
+
 SCALE_BITS = 16
 
 
@@ -246,7 +246,7 @@ def _x20():
 
 def test_quantize_linear():
     model = resnet20()
-    q, r = dsq.quantize(model, bits=4, rounds=0, quantize_linear=True)
+    q, r = dsq.quantize(model, bits=4, rounds=0, quantize_linear=True, scale_dtype="float16")
     assert isinstance(q.linear, DSLinear)
     row = r.layers[-1]
     assert row.name == "linear" and row.kind == "linear" and row.quantized and row.note == ""

@@ -221,7 +221,8 @@ def quantized(name: str, bits: int = 4, rounds: int = 0):
     import dsq
 
     model = build(name)
-    qmodel, report = dsq.quantize(model, bits=bits, block=32, rounds=rounds)
+    qmodel, report = dsq.quantize(model, bits=bits, block=32, rounds=rounds, scale_dtype="float16",
+                                  depthwise_bits=None)
     return model, qmodel, report
 
 

@@ -1,5 +1,5 @@
 """`dsq inspect` and the -o file round trip through the CLI on the real CIFAR-10 ResNet-20:
-the shared 4-bit run (float16 scales, the default) and a 3-bit run with float32 scales."""
+the shared 4-bit run (default scale dtype) and a 3-bit run with the other scale dtype."""
 
 from __future__ import annotations
 
@@ -9,20 +9,24 @@ import re
 import pytest
 from safetensors import safe_open
 
+from dsq.convert import DEFAULT_SCALE_DTYPE
 from dsq_cli_testkit import (CIFAR, RESNET20, RESNET20_CONVS, accuracy_rows, error_line, folder_listing, need,
                              run_dsq, table_rows)
 
 pytestmark = pytest.mark.realdata
 
 LIMIT_3BIT = 100
+OTHER_SCALE_DTYPE = "float16" if DEFAULT_SCALE_DTYPE == "float32" else "float32"
+BITS_OF = {"float16": 16, "float32": 32}
+RUNS = [("resnet20_run", 4, BITS_OF[DEFAULT_SCALE_DTYPE]), ("other_run", 3, BITS_OF[OTHER_SCALE_DTYPE])]
 
 
 @pytest.fixture(scope="module")
-def float32_run(tmp_path_factory):
-    """`dsq quantize resnet20 --bits 3 --scale-dtype float32 --data ... --limit 100 -o model.dsq`."""
+def other_run(tmp_path_factory):
+    """`dsq quantize resnet20 --bits 3 --scale-dtype OTHER --data ... --limit 100 -o model.dsq`."""
     need(RESNET20), need(CIFAR)
-    path = tmp_path_factory.mktemp("r20_3bit_fp32") / "model.dsq"
-    result = run_dsq("quantize", RESNET20, "--bits", 3, "--scale-dtype", "float32", "--data", CIFAR,
+    path = tmp_path_factory.mktemp("r20_3bit") / "model.dsq"
+    result = run_dsq("quantize", RESNET20, "--bits", 3, "--scale-dtype", OTHER_SCALE_DTYPE, "--data", CIFAR,
                      "--limit", LIMIT_3BIT, "-j", 0, "-q", "-o", path)
     assert result.exit_code == 0, result.output
     return result, path
@@ -45,14 +49,14 @@ def _summary_value(stdout: str, prefix: str) -> str:
     return next(line for line in stdout.splitlines() if line.startswith(prefix))
 
 
-def test_eval_of_a_3_bit_float32_file_scores_what_quantize_reported(float32_run):
-    result, path = float32_run
+def test_eval_of_a_3_bit_file_scores_what_quantize_reported(other_run):
+    result, path = other_run
     evaluated = run_dsq("eval", path, "--data", CIFAR, "--limit", LIMIT_3BIT, "-j", 0, "-q")
     assert evaluated.exit_code == 0, evaluated.output
     assert accuracy_rows(evaluated.stdout)["quantized"] == accuracy_rows(result.stdout)["quantized"]
 
 
-@pytest.mark.parametrize("run, bits, scale_bits", [("resnet20_run", 4, 16), ("float32_run", 3, 32)])
+@pytest.mark.parametrize("run, bits, scale_bits", RUNS)
 def test_inspect_prints_the_recipe(request, run, bits, scale_bits):
     fixture = request.getfixturevalue(run)
     stdout_q, path = (fixture.stdout, fixture.model_file) if run == "resnet20_run" else (fixture[0].stdout, fixture[1])
@@ -66,7 +70,7 @@ def test_inspect_prints_the_recipe(request, run, bits, scale_bits):
     assert f"accuracy: float {acc['float'].top1} %, quantized {acc['quantized'].top1} % top-1" in out
 
 
-@pytest.mark.parametrize("run, bits, scale_bits", [("resnet20_run", 4, 16), ("float32_run", 3, 32)])
+@pytest.mark.parametrize("run, bits, scale_bits", RUNS)
 def test_inspect_table_gives_bits_per_weight_and_bytes_per_layer(request, run, bits, scale_bits):
     fixture = request.getfixturevalue(run)
     path = fixture.model_file if run == "resnet20_run" else fixture[1]
@@ -101,13 +105,13 @@ def test_inspect_summary_gives_file_size_ratio_and_distance_to_the_minimum(resne
     assert above == pytest.approx(100 * sizes["above_min"], abs=0.006)
     assert sizes["file_bytes"] == sizes["quantized_bytes"] + sizes["float_bytes"] + sizes["header_bytes"]
     assert sizes["min_bytes"] <= size
-    assert j["recipe"]["settings"]["scale_dtype"] == "float16"
+    assert j["recipe"]["settings"]["scale_dtype"] == DEFAULT_SCALE_DTYPE
     assert f"wrote {tmp_path / 'inspect.json'}" in out
 
 
 def test_scale_dtype_option_is_documented():
     text = " ".join(run_dsq("quantize", "--help").stdout.split())
-    assert re.search(r"--scale-dtype \[float16\|float32\] [^[]*\[default: float16\]", text), text
+    assert re.search(rf"--scale-dtype \[float16\|float32\] [^[]*\[default: {DEFAULT_SCALE_DTYPE}\]", text), text
 
 
 # ---- user errors ---------------------------------------------------------------------------------
