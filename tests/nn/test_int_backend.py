@@ -78,6 +78,7 @@ CONV_CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's, in the simulation
 @pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
 def test_conv_layer_types(case):
     layer = conv(**case)
