@@ -24,7 +24,7 @@ from .convert import QuantReport, scale_torch_dtype
 from .errors import DsqError
 from .fileio import atomic_path
 from .formats import ActFormat, BlockLayout, WeightFormat, pack_weight, unpack_weight
-from .nn import is_dsconv
+from .nn import is_dsconv, is_trainable
 from .nn.dsconv import from_quantized
 
 FORMAT = "dsq"
@@ -99,6 +99,8 @@ def save(path: str | os.PathLike, qmodel: nn.Module, report: QuantReport, *, arc
     `arch` (a name dsq can build) and `num_classes` let `load` rebuild the model alone;
     without them, `load` needs the float skeleton.
     """
+    if is_trainable(qmodel):
+        raise DsqError("the model is trainable (dsq.nn.make_trainable): dsq.nn.freeze(model) before saving it")
     tensors = _file_tensors(qmodel, scale_torch_dtype(report.settings.get("scale_dtype", "float32")))
     recipe = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "dsq_version": __version__,
@@ -224,6 +226,9 @@ def _restore_layer(path, model: nn.Module, name: str, layer: dict, tensors: dict
         raise DsqError(f"{path} is damaged: layer {name} has scales of shape {list(kds.shape)}, "
                        f"expected {list(layout.scale_shape)}")
     from_quantized(module, vqk, kds, layout, fmt, act)
+    bias = tensors.get(_key(name, "bias"))
+    if bias is not None and module.bias is None:  # a bias that calibration added (bias correction)
+        module.bias = nn.Parameter(torch.empty_like(bias))
     tensors[_key(name, "vqk")], tensors[_key(name, SCALES)] = vqk, kds
 
 

@@ -47,6 +47,8 @@ class LayerReport:
     float_bytes: int = 0
     packed_bytes: int = 0
     note: str = ""
+    out_sqnr_before_db: float | None = None  # output SQNR on calibration images, before/after calibration
+    out_sqnr_after_db: float | None = None
 
 
 @dataclass
@@ -60,6 +62,7 @@ class QuantReport:
     model_float_bytes: int = 0
     model_quantized_bytes: int = 0
     seconds: float = 0.0
+    calibration: dict | None = None  # dsq.calibration.CalibrationReport.to_dict(), when calibrated
 
     @property
     def quantized_layers(self) -> list[LayerReport]:
@@ -90,6 +93,7 @@ class QuantReport:
             "compression": self.compression,
             "mean_bits_per_weight": self.mean_bits_per_weight,
             "seconds": self.seconds,
+            "calibration": self.calibration,
             "layers": [asdict(r) for r in self.layers],
         }
 
@@ -98,7 +102,7 @@ def _matches(name: str, patterns) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
 
 
-def _weight_error(w: torch.Tensor, wq: torch.Tensor) -> tuple[float, float]:
+def weight_error(w: torch.Tensor, wq: torch.Tensor) -> tuple[float, float]:
     """Weight SQNR in dB and relative L2 error."""
     signal = w.double().pow(2).sum().item()
     noise = (w.double() - wq.double()).pow(2).sum().item()
@@ -251,4 +255,4 @@ def _fill_quantized(row, module, w, fmt, act, scale_dtype, image_input) -> None:
     n_scales = module.kds.numel()
     row.packed_bytes = packed_weight_bytes(row.params, n_scales, fmt.bits, scale_dtype)
     row.bits_per_weight = fmt.bits + scale_bits(scale_dtype) * n_scales / row.params
-    row.sqnr_db, row.rel_error = _weight_error(w, module.weight.detach())
+    row.sqnr_db, row.rel_error = weight_error(w, module.weight.detach())

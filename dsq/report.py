@@ -24,17 +24,25 @@ def _size(n_bytes: float) -> str:
 
 def layer_table(report: QuantReport) -> str:
     """One row per conv/linear layer: precision, layout, error and size."""
+    calibrated = report.calibration is not None
     header = ["layer", "kind", "shape", "groups", "bits", "block/layout", "act", "bits/w", "SQNR dB", "size"]
+    if calibrated:
+        header[-1:-1] = ["out SQNR before", "after"]
     rows = []
     for r in report.layers:
         q = r.quantized
-        sqnr = "" if r.sqnr_db is None else ("inf" if math.isinf(r.sqnr_db) else f"{r.sqnr_db:.1f}")
         rows.append([
             r.name, r.kind, "x".join(map(str, r.shape)), str(r.groups),
             str(r.bits) if q else "float", f"{r.block}/{r.layout}" if q else "-", r.act if q else "-",
-            f"{r.bits_per_weight:.2f}", sqnr, f"{_size(r.float_bytes)} -> {_size(r.packed_bytes)}",
+            f"{r.bits_per_weight:.2f}", _db(r.sqnr_db), f"{_size(r.float_bytes)} -> {_size(r.packed_bytes)}",
         ])
+        if calibrated:
+            rows[-1][-1:-1] = [_db(r.out_sqnr_before_db), _db(r.out_sqnr_after_db)]
     return _table(header, rows)
+
+
+def _db(value: float | None) -> str:
+    return "" if value is None else ("inf" if math.isinf(value) else f"{value:.1f}")
 
 
 def summary(report: QuantReport) -> str:
@@ -48,7 +56,20 @@ def summary(report: QuantReport) -> str:
     ]
     lines += [f"kept float: {r.name} ({r.note})" for r in f]
     lines += [f"{r.name}: {r.note}" for r in q if r.note]
+    if report.calibration:
+        lines.append(calibration_line(report.calibration))
     return "\n".join(lines)
+
+
+def calibration_line(c: dict) -> str:
+    """How a model was calibrated: images, stages with their seconds, the distillation's loss."""
+    stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in c["stages"].items()) or "no stage"
+    source = c["source"] or "a tensor"
+    line = f"calibrated on {c['images']} images of {source} ({c['fit_images']} for the refit): {stages}"
+    if c.get("adapt"):
+        a = c["adapt"]
+        line += f" ({a['steps']} steps, loss {a['first_loss']:.4f} -> {a['last_loss']:.4f})"
+    return line
 
 
 def accuracy_table(results: dict[str, Accuracy]) -> str:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
+
+from .calibration import calibrate
 
 from .convert import quantize, state_bytes
 from .resume import ResumableRun
@@ -26,8 +29,11 @@ class Sweep(ResumableRun):
     kind = "dsq sweep"
     rows_key = "points"
 
-    def __init__(self, bits: Sequence[int], blocks: Sequence[int], quant_options: dict, **run_options):
+    def __init__(self, bits: Sequence[int], blocks: Sequence[int], quant_options: dict,
+                 calibration: tuple[torch.Tensor, dict] | None = None, **run_options):
+        """`calibration`: (images, `dsq.calibrate` options) to calibrate every point with."""
         self.bits, self.blocks = list(bits), list(blocks)
+        self.calibration = calibration
         super().__init__(quant_options, **run_options)
 
     @property
@@ -44,9 +50,12 @@ class Sweep(ResumableRun):
 
     def _quantize(self, model: nn.Module, bits: int, block: int) -> tuple[nn.Module, dict]:
         qmodel, report = quantize(model, bits=bits, block=block, **self.quant_options)
+        if self.calibration is not None:
+            images, options = self.calibration
+            calibrate(model, qmodel, report, images, **options)
         return qmodel, {"bits": bits, "block": block, "bits_per_weight": report.mean_bits_per_weight,
                         "size_bytes": report.model_quantized_bytes, "compression": report.compression,
-                        "quantize_seconds": report.seconds}
+                        "quantize_seconds": report.seconds + (report.calibration or {}).get("seconds", 0.0)}
 
     @property
     def pending(self) -> int:

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
+from .calibration import DEFAULT_CALIB_IMAGES, calibrate, calibration_files, load_images
 from .convert import QuantReport, quantize
 from .data import check_labels
 from .evaluate import Accuracy, evaluate
@@ -55,11 +56,20 @@ def versions() -> dict:
 
 
 def quantize_and_evaluate(loaded: LoadedModel, dataset=None, *, eval_options: dict | None = None,
-                          progress: bool = True, **quant_options) -> QuantizeRun:
-    """Quantize `loaded.model`; with a dataset, evaluate float and quantized on the same images."""
+                          progress: bool = True, calib: str | None = None, calib_images: int = DEFAULT_CALIB_IMAGES,
+                          calib_options: dict | None = None, transform=None, **quant_options) -> QuantizeRun:
+    """Quantize `loaded.model`; with `calib` (a folder of images, read through `transform`),
+    calibrate it on `calib_images` of them (`dsq.calibrate` with `calib_options`); with a
+    dataset, evaluate float and quantized on the same images, those used to calibrate left out."""
     started = time.perf_counter()
+    files = calibration_files(calib, calib_images) if calib is not None else None  # a bad folder fails first
     qmodel, report = quantize(loaded.model, progress=progress, **quant_options)
     run = QuantizeRun(loaded, qmodel, report)
+    if files is not None:
+        images = load_images(files, transform, progress=progress)
+        calibrate(loaded.model, qmodel, report, images, source=str(calib), progress=progress, **(calib_options or {}))
+        if dataset is not None:
+            dataset = dataset.without(files, "calibration images")
     if dataset is not None:
         check_labels(dataset, loaded.num_classes)
         run.accuracy = evaluate({"float": loaded.model, "quantized": qmodel}, dataset,

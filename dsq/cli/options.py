@@ -11,7 +11,8 @@ from ..data import get_preset, open_dataset
 from ..fileio import check_writable
 from ..formats import DEFAULT_ROUNDS, DEFAULT_SUM_WEIGHT, LAYOUTS, METHODS
 from ..formats.spec import MAX_BITS, MIN_BITS
-from ..nn import BACKENDS
+from ..calibration import DEFAULT_CALIB_IMAGES, DEFAULT_STEPS
+from ..nn import BACKENDS, WEIGHT_MODES
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
@@ -125,6 +126,38 @@ def quant_kwargs(o: dict) -> dict:
                 depthwise_bits=o["depthwise_bits"],
                 quantize_linear=o["quantize_linear"], quantize_image_input=o["quantize_image_input"],
                 scale_dtype=o["scale_dtype"])
+
+
+calib_options = stack(
+    click.option("--calib", type=click.Path(), default=None,
+                 help="Folder of unlabelled images to calibrate on (any images, sub-folders too; labels ignored). "
+                      "Images it shares with --data are left out of the evaluation."),
+    click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
+                 help="How many calibration images, taken in turn from the sub-folders of --calib."),
+    click.option("--refit/--no-refit", default=True, show_default=True,
+                 help="Refit each layer's integers and scales to its output on the calibration images."),
+    click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
+                 help="Give each quantized layer the float layer's mean output (adds a bias where none is)."),
+    click.option("--bn-reestimate/--no-bn-reestimate", default=False, show_default=True,
+                 help="Re-estimate BatchNorm statistics on the quantized network's activations."),
+    click.option("--adapt-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS, show_default=True,
+                 help="Distillation steps: the float network teaches the quantized one (0: none)."),
+    click.option("--adapt-time", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="Stop distillation after this many seconds  [default: no limit]"),
+    click.option("--adapt-weights", type=click.Choice(WEIGHT_MODES), default="fixed", show_default=True,
+                 help="During distillation: ste re-derives the integers through a straight-through estimator, "
+                      "fixed keeps them and trains only the float parts."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration's random choices."),
+)
+
+
+def calib_kwargs(o: dict) -> dict | None:
+    """The `dsq.calibrate` arguments from the parsed calibration options (None without --calib)."""
+    if not o["calib"]:
+        return None
+    return dict(refit=o["refit"], bias=o["bias_correction"], batchnorm=o["bn_reestimate"],
+                adapt_steps=o["adapt_steps"], adapt_seconds=o["adapt_time"], adapt_weights=o["adapt_weights"],
+                seed=o["seed"])
 
 
 def data_options(required: bool):

@@ -1,6 +1,8 @@
 """`dsq quantize`: quantize a float model, report per layer, optionally evaluate and save."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from .. import artifact, report
@@ -8,8 +10,8 @@ from ..errors import DsqError
 from ..fileio import write_json
 from ..models import load_model
 from ..workflow import quantize_and_evaluate
-from .options import (backend_option, data_options, dataset_from, eval_kwargs, format_options, model_options,
-                      output_options, pass_options, preset_from, quant_kwargs)
+from .options import (backend_option, calib_kwargs, calib_options, data_options, dataset_from, eval_kwargs,
+                      format_options, model_options, output_options, pass_options, preset_from, quant_kwargs)
 
 LOW_FLOAT_WARNING = 15.0  # points below the published top-1 that suggest wrong preprocessing or labels
 
@@ -18,6 +20,7 @@ LOW_FLOAT_WARNING = 15.0  # points below the published top-1 that suggest wrong 
 @model_options
 @format_options
 @data_options(required=False)
+@calib_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Write the quantized model here (a safetensors file dsq loads again).")
 @backend_option
@@ -37,15 +40,30 @@ def quantize_command(o):
     if dataset is not None:
         click.echo(f"data: {dataset.describe()}", err=True)
     run = quantize_and_evaluate(loaded, dataset, eval_options=eval_kwargs(o), progress=not o["quiet"],
-                                backend=o["backend"], **quant_kwargs(o))
+                                calib=o["calib"], calib_images=o["calib_images"], calib_options=calib_kwargs(o),
+                                transform=preset.transform(), backend=o["backend"], **quant_kwargs(o))
+    if run.data and dataset is not None and run.data != dataset.describe():
+        click.echo(f"evaluated on: {run.data}", err=True)
     show_run(run, quiet=o["quiet"])
     if o["output"]:
         artifact.save(o["output"], run.qmodel, run.report, arch=loaded.arch, num_classes=loaded.num_classes,
                       preset=preset.to_dict(), accuracy=run.accuracy_dict())
-        click.echo(f"wrote {o['output']}")
+        click.echo(f"wrote {o['output']}: {file_size_note(o['output'], loaded.source, run.report.model_float_bytes)}")
     if o["json_path"]:
         write_json(o["json_path"], run.to_dict())
         click.echo(f"wrote {o['json_path']}")
+
+
+def file_size_note(written: str, source: str, float_state_bytes: int) -> str:
+    """The written file's real size and its ratio to the float checkpoint file (or, for a model
+    loaded by name, to its float32 parameters and buffers)."""
+    size = Path(written).stat().st_size
+    checkpoint = Path(source).expanduser()
+    if checkpoint.is_file():
+        base, what = checkpoint.stat().st_size, f"the float checkpoint {checkpoint.name}"
+    else:
+        base, what = float_state_bytes, f"the float32 state of {source}"
+    return f"{size:,} bytes ({size / 1e6:.2f} MB), {base / size:.2f}x smaller than {what} ({base:,} bytes)"
 
 
 def show_run(run, quiet: bool = False) -> None:

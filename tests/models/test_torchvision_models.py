@@ -77,14 +77,14 @@ def test_name_loads_weights_from_the_torch_hub_cache(tmp_path, monkeypatch):
     assert torch.equal(loaded.model.layer4[1].conv2.weight, weights["layer4.1.conv2.weight"])
 
 
-def test_offline_download_fails_fast_with_url_and_cache(tmp_path, monkeypatch, user_error):
+def test_offline_download_fails_fast_with_url_and_cache(tmp_path, monkeypatch, one_line_dsq_error):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     for proxy in ("https_proxy", "HTTPS_PROXY"):  # a refused proxy makes the failure certain, online or not
         monkeypatch.setenv(proxy, "http://127.0.0.1:9")
     for variable in ("no_proxy", "NO_PROXY"):
         monkeypatch.delenv(variable, raising=False)
     start = time.monotonic()
-    message = user_error(load_model, "resnet18")
+    message = one_line_dsq_error(load_model, "resnet18")
     assert time.monotonic() - start < 15
     assert "could not download the pretrained resnet18 weights" in message
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message

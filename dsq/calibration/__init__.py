@@ -1,0 +1,116 @@
+"""What uses unlabelled data: data-aware scales, bias and BatchNorm correction, distillation.
+
+    qmodel, report = dsq.quantize(model, bits=2)
+    images = load_images(calibration_files("calib/"), preset.transform())
+    calibration = dsq.calibrate(model, qmodel, report, images)
+
+Stages, in order (each optional, see `calibrate`): refit every layer's VQK and KDS to its
+inputs, layer by layer (`sequential`); correct each layer's output mean (bias); re-estimate
+BatchNorm statistics; distillation from the float network (`adapt`). The report gains each
+layer's output SQNR before and after, the images used and the time of every stage.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ..convert import QuantReport, scale_torch_dtype, weight_error
+from ..errors import DsqError
+from ..evaluate import spread_indices
+from ..nn import is_dsconv
+from .adapt import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, AdaptResult, adapt
+from .batchnorm import reestimate_batchnorm
+from .images import DEFAULT_CALIB_IMAGES, calibration_files, load_images
+from .sequential import DEFAULT_FIT_IMAGES, refit_layers
+from .sqnr import output_sqnr
+
+__all__ = ["CalibrationReport", "DEFAULT_CALIB_IMAGES", "DEFAULT_STEPS", "calibrate", "calibration_files",
+           "load_images"]
+
+
+@dataclass
+class CalibrationReport:
+    """What calibration did: images used (all of them by distillation and BatchNorm, `fit_images`
+    of them by the refit and bias stages and the SQNR), seconds per stage, per-layer output SQNR
+    (dB) before and after, and the distillation's losses."""
+
+    images: int
+    fit_images: int
+    source: str | None
+    stages: dict[str, float] = field(default_factory=dict)  # stage -> seconds, in the order run
+    sqnr_before: dict[str, float] = field(default_factory=dict)
+    sqnr_after: dict[str, float] = field(default_factory=dict)
+    adapt: AdaptResult | None = None
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.stages.values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "seconds": self.seconds}
+
+
+def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, images: torch.Tensor, *,
+              refit: bool = True, bias: bool = False, batchnorm: bool = False, adapt_steps: int = DEFAULT_STEPS,
+              adapt_seconds: float | None = None, adapt_weights: str = "fixed", adapt_lr: float = DEFAULT_LR,
+              batch_size: int = DEFAULT_BATCH, fit_images: int = DEFAULT_FIT_IMAGES, seed: int = 0,
+              source: str | None = None, progress: bool = False) -> CalibrationReport:
+    """Improve `qmodel` (from dsq.quantize(float_model)) in place with the unlabelled `images`
+    (N, C, H, W, preprocessed as for the model); update `report`'s layers and return what was done.
+
+    refit: data-aware VQK and KDS (minimising each layer's output error on its calibration
+    inputs). bias: match each layer's mean output to the float network's. batchnorm:
+    re-estimate BatchNorm statistics. adapt_steps > 0: distillation from `float_model`
+    (`adapt_weights` "ste" re-derives the integers, "fixed" keeps them), stopped after
+    `adapt_seconds` if given. Seeded by `seed`.
+    """
+    if len(images) == 0:
+        raise DsqError("no calibration images: pass a folder with images in it")
+    layers = {name: m for name, m in qmodel.named_modules() if is_dsconv(m)}
+    if not layers:
+        raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
+    torch.manual_seed(seed)
+    probe = images[spread_indices(len(images), fit_images)]
+    result = CalibrationReport(len(images), len(probe), source)
+    scale_dtype = report.settings.get("scale_dtype", "float32")
+    with torch.no_grad():
+        result.sqnr_before = output_sqnr(float_model, qmodel, list(layers), probe)
+    if refit or bias:
+        started = time.perf_counter()
+        refit_layers(float_model, qmodel, layers, images, fit_scales=refit, bias=bias,
+                     scale_dtype=scale_torch_dtype(scale_dtype), fit_images=fit_images, progress=progress)
+        result.stages["refit" if refit else "bias"] = time.perf_counter() - started
+        if refit and bias:
+            result.stages["bias"] = 0.0  # done in the same pass
+    if batchnorm:
+        started = time.perf_counter()
+        reestimate_batchnorm(qmodel, images)
+        result.stages["batchnorm"] = time.perf_counter() - started
+    if adapt_steps:
+        result.adapt = adapt(float_model, qmodel, images, steps=adapt_steps, seconds=adapt_seconds,
+                             batch_size=batch_size, lr=adapt_lr, weights=adapt_weights, scale_dtype=scale_dtype,
+                             seed=seed, progress=progress)
+        result.stages["adapt"] = result.adapt.seconds
+    with torch.no_grad():
+        result.sqnr_after = output_sqnr(float_model, qmodel, list(layers), probe)
+    _update_report(report, float_model, layers, result)
+    return result
+
+
+def _update_report(report: QuantReport, float_model: nn.Module, layers: dict[str, nn.Module],
+                   result: CalibrationReport) -> None:
+    """New weight errors, output SQNRs and the bytes of added biases in the per-layer rows."""
+    float_layers = dict(float_model.named_modules())
+    for row in report.layers:
+        if row.name not in layers:
+            continue
+        layer = layers[row.name]
+        row.sqnr_db, row.rel_error = weight_error(float_layers[row.name].weight.detach(), layer.weight.detach())
+        row.out_sqnr_before_db = result.sqnr_before[row.name]
+        row.out_sqnr_after_db = result.sqnr_after[row.name]
+        if float_layers[row.name].bias is None and layer.bias is not None:
+            report.model_quantized_bytes += layer.bias.numel() * layer.bias.element_size()
+    report.calibration = result.to_dict()

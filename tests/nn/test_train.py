@@ -1,0 +1,332 @@
+"""DSConv layers that train (dsq.nn.train): straight-through VQK rounding and BFP, freeze."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dsq
+from dsq.formats import ActFormat, WeightFormat, bfp_quantize
+from dsq.nn import DSConv2d, DSLinear, freeze, is_trainable, make_trainable, parameter_groups, set_backend, to_dsconv
+from dsq.nn.train import latent_codes
+import zoo
+
+MODES = ("ste", "fixed")
+C = 16  # C2f width: two 8-channel halves, so block 8 gives full and (at the 24-channel cv2) several blocks
+
+
+def _c2f(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return zoo.C2f(C, C, 1, shortcut=True)
+
+
+def _quantized_c2f(seed: int = 2) -> tuple[nn.Module, nn.Module, dsq.QuantReport]:
+    """(float C2f, its DSConv copy, report): 4-bit, block 8, every conv input in BFP."""
+    model = _c2f(seed)
+    qmodel, report = dsq.quantize(model, bits=4, block=8, quantize_image_input=True)
+    return model, qmodel, report
+
+
+def _scratch_c2f(seed: int = 2) -> nn.Module:
+    """A C2f whose convs are DSConv2d layers built from scratch, as the seed code builds networks."""
+    model = _c2f(seed)
+    for m in model.modules():
+        if isinstance(m, zoo.Conv):
+            c = m.conv
+            m.conv = DSConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups,
+                              bias=False, weight_format=WeightFormat(bits=4, block=8), act_format=ActFormat(8, 8))
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny training loops: one thread is faster, and much faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def task() -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed seeded inputs and the output of a fixed random float C2f teacher on them."""
+    x = torch.randn(4, C, 8, 8, generator=torch.Generator().manual_seed(0))
+    teacher = _c2f(1).eval()
+    with torch.no_grad():
+        return x, teacher(x)
+
+
+def _fit(model: nn.Module, params, x, y, steps: int = 30, opt=torch.optim.Adam, **kw) -> list[float]:
+    optimizer = opt(list(params), **kw)
+    losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_c2f_trains_with_every_parameter(task, mode):
+    x, y = task
+    _, qmodel, _ = _quantized_c2f()
+    make_trainable(qmodel, mode)
+    losses = _fit(qmodel.train(), qmodel.parameters(), x, y, lr=1e-2)
+    assert losses[-1] < 0.3 * losses[0], losses  # measured: 0.05 (ste), 0.13 (fixed)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_c2f_trains_through_dsconv_parameters_alone(task, mode):
+    """BatchNorm fixed (eval mode) and biases untouched: the scales (and latent weights) do it."""
+    x, y = task
+    _, qmodel, _ = _quantized_c2f()
+    params = make_trainable(qmodel, mode)
+    assert {n.rsplit(".", 1)[1] for n in params} == ({"kds", "latent"} if mode == "ste" else {"kds"})
+    losses = _fit(qmodel.eval(), params.values(), x, y, lr=1e-2)
+    assert losses[-1] < 0.6 * losses[0], losses  # measured: 0.10 (ste), 0.32 (fixed)
+
+
+def test_dsconv2d_from_scratch_trains_with_sgd(task):
+    x, y = task
+    model = _scratch_c2f()
+    params = make_trainable(model)
+    assert len(params) == 2 * 4  # cv1, cv2, and the bottleneck's two convs
+    losses = _fit(model.train(), model.parameters(), x, y, opt=torch.optim.SGD, lr=0.1, momentum=0.9)
+    assert losses[-1] < 0.3 * losses[0], losses  # measured: 0.07
+
+
+def test_make_trainable_keeps_the_output_and_the_state_keys():
+    _, qmodel, _ = _quantized_c2f()
+    x = torch.randn(2, C, 6, 6, generator=torch.Generator().manual_seed(3))
+    before, keys = qmodel(x), set(qmodel.state_dict())
+    make_trainable(qmodel, "fixed")
+    assert set(qmodel.state_dict()) == keys
+    assert torch.equal(qmodel(x), before)
+    freeze(qmodel)
+    make_trainable(qmodel, "ste")
+    assert set(qmodel.state_dict()) - keys == {n for n, _ in qmodel.named_parameters() if n.endswith(".latent")}
+    assert torch.equal(qmodel(x), before)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), before)
+
+
+def test_gradients_reach_kds_latent_and_earlier_layers_through_bfp():
+    _, qmodel, _ = _quantized_c2f()
+    make_trainable(qmodel)
+    x = torch.randn(2, C, 6, 6, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    qmodel.train()(x).square().sum().backward()
+    for name, p in qmodel.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert x.grad is not None and x.grad.abs().sum() > 0  # through the first layer's BFP input
+
+
+def test_bfp_input_is_exact_forward_and_identity_backward():
+    layer = DSConv2d(8, 4, 3, padding=1, act_format=ActFormat(4, 4))
+    x = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    y = layer.quantize_input(x)
+    assert torch.equal(y, bfp_quantize(x.detach(), ActFormat(4, 4)))
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.equal(x.grad, g)
+    with torch.no_grad():  # inference: the plain rounding, no autograd node
+        z = layer.quantize_input(x)
+    assert torch.equal(z, y) and z.grad_fn is None
+
+
+def test_ste_gradients_are_lsq_style():
+    """d out / d latent passes inside the code range only; d out / d alpha is q - latent / alpha."""
+    torch.manual_seed(6)
+    layer = DSLinear(8, 1, bias=False, weight_format=WeightFormat(bits=3, block=8), act_format=None)
+    make_trainable(layer)
+    alpha = layer.kds.detach().reshape(()).abs()
+    with torch.no_grad():
+        layer.kds.fill_(alpha)
+        layer.latent.copy_(alpha * torch.tensor([[-5.0, -4.2, -3.9, -1.4, 0.2, 0.6, 2.5, 3.3]]))
+    layer.weight.sum().backward()
+    v = layer.latent.detach() / alpha
+    q = v.round().clamp(-4, 3)
+    inside = (v >= -4) & (v <= 3)
+    assert torch.equal(layer.latent.grad, inside.float())
+    assert torch.allclose(layer.kds.grad.reshape(()), torch.where(inside, q - v, q).sum())
+
+
+def test_freeze_round_trip(task, tmp_path):
+    x, y = task
+    model, qmodel, report = _quantized_c2f()
+    keys = set(qmodel.state_dict())
+    codes = {name: m.vqk.clone() for name, m in dsq.artifact.dsconv_layers(qmodel)}
+    make_trainable(qmodel)
+    _fit(qmodel.train(), qmodel.parameters(), x, y, steps=10, lr=1e-2)
+    qmodel.eval()
+    with torch.no_grad():
+        trained = qmodel(x)
+    assert len(freeze(qmodel)) == 4 and not is_trainable(qmodel)
+    assert set(qmodel.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), trained)
+    changed = 0
+    for name, m in dsq.artifact.dsconv_layers(qmodel):
+        assert "kds" in m._buffers and "kds" not in m._parameters and not hasattr(m, "latent")
+        assert m.vqk.dtype == torch.int8 and -8 <= int(m.vqk.min()) and int(m.vqk.max()) <= 7
+        assert not m.weight.requires_grad
+        changed += int((m.vqk != codes[name]).sum())
+    assert changed > 0  # training moved some latent weights to other codes
+    path = tmp_path / "c2f.dsq"
+    dsq.save(path, qmodel, report)
+    loaded, _ = dsq.load(path, skeleton=model)
+    state, reloaded = qmodel.state_dict(), loaded.state_dict()
+    assert set(state) == set(reloaded) and all(torch.equal(state[k], reloaded[k]) for k in state)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained)
+
+
+def test_freeze_rounds_scales_to_the_file_dtype(task, tmp_path):
+    x, y = task
+    model = _c2f(2)
+    qmodel, report = dsq.quantize(model, bits=4, block=8, scale_dtype="float16")
+    make_trainable(qmodel, "fixed")
+    _fit(qmodel.train(), qmodel.parameters(), x, y, steps=5, lr=1e-2)
+    freeze(qmodel, scale_dtype="float16")
+    for _, m in dsq.artifact.dsconv_layers(qmodel):
+        assert m.kds.dtype == torch.float32 and torch.equal(m.kds.half().float(), m.kds)
+    dsq.save(tmp_path / "c2f16.dsq", qmodel, report)  # refuses scales float16 would change
+
+
+def test_freeze_refuses_scales_beyond_float16_and_changes_nothing(one_line_dsq_error):
+    model = nn.Sequential(DSConv2d(8, 4, 1), DSConv2d(4, 4, 1))
+    make_trainable(model)
+    with torch.no_grad():
+        model[1].kds.fill_(1e6)
+    assert "float32" in one_line_dsq_error(freeze, model, scale_dtype="float16")
+    assert all("latent" in m._parameters and "kds" in m._parameters for m in model)
+    assert freeze(model) == ["0", "1"] and not is_trainable(model)
+
+
+def test_int_backend_refuses_a_trainable_model(one_line_dsq_error):
+    _, qmodel, _ = _quantized_c2f()
+    make_trainable(qmodel)
+    message = one_line_dsq_error(set_backend, qmodel, "int")
+    assert "freeze" in message
+    assert all(m.backend == "simulate" for m in qmodel.modules() if hasattr(m, "backend"))
+    freeze(qmodel)
+    assert set_backend(qmodel, "int")
+    message = one_line_dsq_error(make_trainable, qmodel)
+    assert "simulate" in message
+
+
+def test_mode_change_needs_a_freeze(one_line_dsq_error):
+    _, qmodel, _ = _quantized_c2f()
+    first = make_trainable(qmodel, "ste")
+    again = make_trainable(qmodel, "ste")
+    assert first.keys() == again.keys() and all(first[k] is again[k] for k in first)
+    assert "freeze" in one_line_dsq_error(make_trainable, qmodel, "fixed")
+    assert "weights mode" in one_line_dsq_error(make_trainable, qmodel, "adaround")
+    groups = parameter_groups(qmodel)
+    assert len(groups["latent"]) == len(groups["kds"]) == 4
+    assert len(groups["other"]) == 2 * 4  # BatchNorm weight and bias of each conv
+    assert sum(map(len, groups.values())) == len(list(qmodel.parameters()))
+
+
+def _layers() -> dict[str, nn.Module]:
+    """One layer of every layout: channel, ragged channel blocks, flat, grouped, depthwise, linear."""
+    torch.manual_seed(7)
+    wf = WeightFormat(bits=4, block=8)
+    return {
+        "channel": DSConv2d(16, 6, 3, padding=1, weight_format=wf),
+        "ragged": DSConv2d(13, 6, 3, padding=1, weight_format=wf, act_format=ActFormat(8, 8)),
+        "flat": DSConv2d(13, 6, 3, padding=1, weight_format=WeightFormat(4, 8, layout="flat")),
+        "grouped": DSConv2d(12, 6, 3, padding=1, groups=3, weight_format=wf, act_format=ActFormat(8, 8)),
+        "depthwise": DSConv2d(12, 12, 3, padding=1, groups=12, weight_format=WeightFormat(3, 8)),
+        "linear": DSLinear(20, 5, weight_format=wf, act_format=ActFormat(8, 8)),
+        "converted": to_dsconv(nn.Conv2d(10, 4, 1, stride=2), wf, None),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layers()))
+@pytest.mark.parametrize("mode", MODES)
+def test_every_layout_trains_and_freezes(name, mode):
+    layer = _layers()[name]
+    shape = (3, layer.in_features) if isinstance(layer, nn.Linear) else (3, layer.in_channels, 7, 7)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = layer(x)
+    vqk = layer.vqk.clone()
+    make_trainable(layer, mode)
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.05)
+    for _ in range(3):
+        optimizer.zero_grad()
+        layer(x).square().mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+        assert layer.kds.grad.abs().sum() > 0
+        optimizer.step()
+    layer.eval()
+    with torch.no_grad():
+        trained = layer(x)
+    freeze(layer)
+    with torch.no_grad():
+        assert torch.equal(layer(x), trained)
+    lo, hi = -(2 ** (layer.weight_format.bits - 1)), 2 ** (layer.weight_format.bits - 1) - 1
+    assert lo <= int(layer.vqk.min()) and int(layer.vqk.max()) <= hi
+    if mode == "fixed":
+        assert torch.equal(layer.vqk, vqk)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_zero_slices_give_no_nan(mode):
+    torch.manual_seed(9)
+    conv = nn.Conv2d(16, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight[0, :8] = 0  # block 0 of output 0 is zero at every tap: alpha = 0 there
+        conv.weight[2] = 0
+    layer = to_dsconv(conv, WeightFormat(bits=4, block=8), ActFormat(8, 8))
+    assert int((layer.kds == 0).sum()) == 9 + 2 * 9
+    make_trainable(layer, mode)
+    x = torch.randn(2, 16, 5, 5, generator=torch.Generator().manual_seed(10))
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        out = layer(x)
+        out.square().mean().backward()
+        assert torch.isfinite(out).all()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+        optimizer.step()
+    assert all(torch.isfinite(p).all() for p in layer.parameters())
+    freeze(layer)
+    assert torch.isfinite(layer(x)).all()
+    assert int(layer.vqk[2].abs().sum()) == 0 and int(layer.vqk[0, :8].abs().sum()) == 0
+
+
+def test_latent_codes_at_zero_scale():
+    latent = torch.tensor([0.3, -1.0, 2.0], requires_grad=True)
+    scale = torch.tensor([0.0, 0.5, 0.5], requires_grad=True)
+    codes = latent_codes(latent, scale, 2, ste=True)
+    assert codes.tolist() == [0.0, -2.0, 1.0]
+    (codes * scale).sum().backward()
+    assert torch.isfinite(latent.grad).all() and torch.isfinite(scale.grad).all()
+
+
+def test_weight_is_cached_for_inference_and_differentiable_for_training():
+    layer = DSConv2d(8, 4, 3, padding=1)
+    make_trainable(layer)
+    assert layer.weight.requires_grad and layer.weight is not layer.weight
+    with torch.no_grad():
+        w = layer.weight
+        assert layer.weight is w and not w.requires_grad
+        layer.latent.add_(layer.kds.abs().max() * 0.6 * torch.sign(layer.latent))  # in place, as optimizers step
+        assert layer.weight is not w and not torch.equal(layer.weight, w)
+    frozen = copy.deepcopy(layer)
+    freeze(frozen)
+    with torch.no_grad():
+        assert torch.equal(frozen.weight, layer.weight)
+    assert not frozen.weight.requires_grad and frozen.weight is frozen.weight
+
+
+def test_no_dsconv_layers(one_line_dsq_error):
+    assert "DSConv" in one_line_dsq_error(make_trainable, nn.Sequential(nn.Conv2d(3, 3, 1)))
