@@ -3,17 +3,25 @@ ResNet-50's conv layers and on the whole network.
 
 Time: median of interleaved runs (a, b, c, d, a, b, ...), ratios to float32 from the same run.
 Memory: bytes of the weights each one holds (simulate keeps the dequantized float weight too;
-x86 counted as int8 weights + per-channel scale and zero point, oneDNN's packed copy is not
-visible to torch) and the peak that torch's CPU allocator sees during one forward, output
-included. The x86 layer rows quantize the float input and dequantize
+int keeps the int8 VQK and, for its CPU kernel, a copy laid out for it; x86 counted as int8
+weights + per-channel scale and zero point, oneDNN's packed copy is not visible to torch) and the
+peak that torch's CPU allocator sees during one forward, output included (int: plus the kernel's
+workspace for the encoded input). The x86 layer rows quantize the float input and dequantize
 the output (float in, float out like the DSConv layers); the x86 network keeps activations int8.
+
+Writes every number to conv_backends.json and conv_backends.csv beside this script (--out).
+Example, short: python benchmarks/conv_backends.py --layers 'layer3.0.*' --batches 32 --network-batches --repeats 1
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import fnmatch
+import os
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -24,8 +32,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import dsq
 from common import interleaved_times, print_table
+from dsq.fileio import write_csv, write_json
 from dsq.formats import ActFormat, WeightFormat
-from dsq.nn import set_backend, to_dsconv
+from dsq.nn import int_backend, set_backend, to_dsconv
 
 BACKENDS = ("float32", "simulate", "int", "x86 int8")
 
@@ -145,19 +154,33 @@ def measure(models: dict[str, nn.Module], calls: dict, repeats: int) -> dict[str
     """(median seconds, weight bytes held, peak bytes) of every backend, timed side by side."""
     with torch.inference_mode():
         times = interleaved_times(calls, repeats)
-        return {k: (times[k], held_bytes(models[k]), peak_bytes(calls[k])) for k in calls}
+        return {k: (times[k], held_bytes(models[k]), (int_peak_bytes if k == "int" else peak_bytes)(calls[k]))
+                for k in calls}
 
 
-def rows_for(label: str, batch: int, gmac: float, result: dict) -> tuple[list, list]:
-    base = result["float32"][0]
-    time_row = [label, batch, f"{gmac:.2f}", f"{1e3 * base:.1f}"]
-    time_row += [f"{1e3 * result[k][0]:.1f} ({result[k][0] / base:.2f}x)" for k in BACKENDS[1:]]
-    mem_row = [label, batch] + [f"{result[k][1] / 2**20:.2f} / {result[k][2] / 2**20:.1f}" for k in BACKENDS]
-    return time_row, mem_row
+def int_peak_bytes(fn) -> int:
+    """peak_bytes, plus the CPU kernel's workspace (the encoded input, which it keeps outside
+    torch's allocator from call to call) at the size that `fn` needs."""
+    kernel = int_backend.cpu_kernel()
+    if kernel is None:
+        return peak_bytes(fn)
+    kernel.release_workspace()
+    return peak_bytes(fn) + kernel.workspace_bytes()
 
 
-def layer_rows(args) -> tuple[list, list]:
-    times, mems = [], []
+def record(label: str, batch: int, gmac: float, result: dict) -> dict:
+    """One row of the results: each backend's time, weight bytes and peak bytes, and their
+    ratios to float32's from the same run."""
+    base = result["float32"]
+    return {"row": label, "batch": batch, "gmac": round(gmac, 3), "backends": {
+        k: {"ms": round(1e3 * t, 3), "time_ratio": round(t / base[0], 3), "weight_bytes": held,
+            "weight_ratio": round(held / base[1], 4), "peak_bytes": peak,
+            "peak_ratio": round(peak / max(base[2], 1), 3)}
+        for k, (t, held, peak) in result.items()}}
+
+
+def layer_records(args) -> list[dict]:
+    records = []
     for name, conv, (h, w), count in resnet50_layers(args.size):
         if not any(fnmatch.fnmatchcase(name, p) for p in args.layers):
             continue
@@ -167,29 +190,47 @@ def layer_rows(args) -> tuple[list, list]:
             q, x86_call = x86_layer(conv, x)
             models = dict(zip(BACKENDS, (conv, simulated, integer, q)))
             calls = {k: (lambda m=m: m(x)) for k, m in models.items() if k != "x86 int8"} | {"x86 int8": x86_call}
-            gmac = macs(conv, x) / 1e9
             label = (f"{name} x{count}: {conv.in_channels}->{conv.out_channels} {conv.kernel_size[0]}x"
                      f"{conv.kernel_size[1]}/{conv.stride[0]} @{h}")
-            t, m = rows_for(label, batch, gmac, measure(models, calls, args.repeats))
-            times.append(t), mems.append(m)
-            print(" ", t, flush=True)
-    return times, mems
+            records.append(record(label, batch, macs(conv, x) / 1e9, measure(models, calls, args.repeats)))
+            print(" ", time_cells(records[-1]), flush=True)
+    return records
 
 
-def network_rows(args) -> tuple[list, list]:
+def network_records(args) -> list[dict]:
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
     simulated, integer = dsconv_models(model, args.bits, args.block, whole=True)
-    times, mems = [], []
+    records = []
     for batch in args.network_batches:
         x = torch.randn(batch, 3, args.size, args.size)
         models = dict(zip(BACKENDS, (model, simulated, integer, x86_network(model, x))))
         calls = {k: (lambda m=m: m(x)) for k, m in models.items()}
         gmac = sum(macs(m, a) for m, a in model_inputs(model, x).items()) / 1e9
-        t, m = rows_for(f"ResNet-50 ({args.size}x{args.size})", batch, gmac, measure(models, calls, args.repeats))
-        times.append(t), mems.append(m)
-        print(" ", t, flush=True)
-    return times, mems
+        label = f"ResNet-50 ({args.size}x{args.size})"
+        records.append(record(label, batch, gmac, measure(models, calls, args.repeats)))
+        print(" ", time_cells(records[-1]), flush=True)
+    return records
+
+
+def time_cells(r: dict) -> list[str]:
+    b = r["backends"]
+    return [r["row"], r["batch"], f"{r['gmac']:.2f}", f"{b['float32']['ms']:.1f}",
+            *(f"{b[k]['ms']:.1f} ({b[k]['time_ratio']:.2f}x)" for k in BACKENDS[1:])]
+
+
+def memory_cells(r: dict) -> list[str]:
+    b = r["backends"]
+    return [r["row"], r["batch"], *(f"{b[k]['weight_bytes'] / 2**20:.2f} ({b[k]['weight_ratio']:.2f}x) / "
+                                    f"{b[k]['peak_bytes'] / 2**20:.1f} ({b[k]['peak_ratio']:.2f}x)" for k in BACKENDS)]
+
+
+def write_results(path: Path, meta: dict, records: list[dict]) -> None:
+    """`path`.json (settings and every number) and `path`.csv (one line per row and backend)."""
+    write_json(path.with_suffix(".json"), {"meta": meta, "rows": records})
+    write_csv(path.with_suffix(".csv"), [{"row": r["row"], "batch": r["batch"], "gmac": r["gmac"], "backend": k, **v}
+                                         for r in records for k, v in r["backends"].items()])
+    print(f"\nwrote {path.with_suffix('.json')} and {path.with_suffix('.csv')}")
 
 
 def main():
@@ -197,26 +238,42 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32], help="batch sizes of the layer rows")
     parser.add_argument("--layers", nargs="*", default=["*"],
                         help="globs on ResNet-50 layer names, e.g. 'layer3.0.*' (none: skip the layer rows)")
-    parser.add_argument("--network-batches", type=int, nargs="*", default=[1],
+    parser.add_argument("--network-batches", type=int, nargs="*", default=[1, 32],
                         help="batch sizes of the whole-network rows (none: skip them)")
     parser.add_argument("--size", type=int, default=224, help="image size")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--block", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", type=Path, default=Path(__file__).with_suffix(""),
+                        help="write the results to OUT.json and OUT.csv (default: beside this script)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.backends.quantized.engine = "x86"
     torch.manual_seed(0)
-    layer_times, layer_mems = layer_rows(args) if args.layers else ([], [])
-    net_times, net_mems = network_rows(args) if args.network_batches else ([], [])
+    load_before = os.getloadavg()
+    records = (layer_records(args) if args.layers else []) + (network_records(args) if args.network_batches else [])
+    meta = {"bits": args.bits, "block": args.block, "act": "bfp8", "size": args.size, "repeats": args.repeats,
+            "threads": args.threads, "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "int_kernel": int_backend.cpu_kernel() is not None, "torch": torch.__version__,
+            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"\nResNet-50 convs, DSConv {args.bits}-bit block {args.block} with 8-bit BFP inputs, "
-          f"{args.threads} threads, median of {args.repeats} interleaved runs; "
-          "(Nx) = time / float32 time from the same run\n")
+          f"{args.threads} threads, median of {args.repeats} interleaved runs; (Nx) = time / float32 time "
+          f"from the same run; load average {load_before[0]:.2f} before, {meta['load_average_after'][0]:.2f} after\n")
     print_table(["layer (x count in the network)", "batch", "GMAC", "float32 ms", *(f"{k} ms" for k in BACKENDS[1:])],
-                layer_times + net_times)
-    print("\nweights held MiB / peak MiB during one forward\n")
-    print_table(["layer", "batch", *BACKENDS], layer_mems + net_mems)
+                [time_cells(r) for r in records])
+    print("\nweights held MiB / peak MiB during one forward, (Nx) = ratio to float32\n")
+    print_table(["layer", "batch", *BACKENDS], [memory_cells(r) for r in records])
+    write_results(args.out, meta, records)
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
 """The int backend (int8 x int8 dot products summed in int32) against the simulated one.
 
-Equal up to float summation order: at most 1e-5 of the largest output, on every layer type and
-on every layer of whole models fed their own activations; identical top-1 on real CIFAR-10 images.
+The int backend sums its units in float64 and rounds once, so on every layer type, with the CPU
+kernel and on the eager path alike, it equals the exactly rounded result bit for bit: the same
+layer run in float64 (weights alpha * q and BFP inputs exact, products exact) and rounded to
+float32. The simulated backend sums in float32 and equals it up to that summation order (1e-5 of
+the largest output). Whole networks: the int backend equals the network whose DSConv layers round
+exactly, bit for bit, on every zoo model and on real CIFAR-10 images; against the float32
+simulation a free-running network drifts where a value sits within float rounding of a BFP
+rounding boundary (docs/integer-backend.md), which moves about one prediction in a thousand.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,8 +23,8 @@ import torch.nn.functional as F
 
 import dsq
 import zoo
-from dsq.formats import ActFormat, WeightFormat
-from dsq.nn import DSConv2d, set_backend, to_dsconv
+from dsq.formats import ActFormat, WeightFormat, bfp_encode
+from dsq.nn import DSConv2d, int_backend, set_backend, to_dsconv
 from dsq.nn.int_backend import IntWeight, check_int_device
 
 TOL = 1e-5
@@ -35,6 +43,74 @@ def run_both(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         out = model(x)
         set_backend(model, "simulate")
         return out, model(x)
+
+
+class GroupedConvsUnfolded(torch.overrides.TorchFunctionMode):
+    """F.conv2d with groups as an unfold and a product per group: torch's own float64 grouped
+    conv on the CPU takes about a second for a small depthwise layer."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        call = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args), **kwargs)
+        if func is not F.conv2d or call.get("groups", 1) == 1:
+            return func(*args, **kwargs)
+        x, w, bias, groups = call["input"], call["weight"], call.get("bias"), call["groups"]
+        stride, dilation = (torch.nn.modules.utils._pair(call.get(k, 1)) for k in ("stride", "dilation"))
+        kernel = tuple(w.shape[-2:])
+        x = F.pad(x, int_backend._padding(call.get("padding", 0), kernel, dilation))
+        n, (o, i), (h, wd) = x.shape[0], w.shape[:2], x.shape[-2:]
+        oh = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+        ow = (wd - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+        cols = F.unfold(x, kernel, dilation, 0, stride).view(n, groups, -1, oh * ow)
+        out = torch.einsum("ngkp,gok->ngop", cols, w.reshape(groups, o // groups, -1)).reshape(n, o, oh, ow)
+        return out if bias is None else out + bias[:, None, None]
+
+
+def exact_copy(layer: nn.Module) -> nn.Module:
+    """A float64 copy of a DSConv layer under simulate: the dequantized weight alpha * q, the BFP
+    input and every product are exact, the sums float64. Made outside inference mode (so that its
+    buffers keep their version counters)."""
+    ref = copy.deepcopy(layer).double()
+    set_backend(ref, "simulate")
+    return ref
+
+
+def exactly_rounded(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's output computed exactly and rounded once to float32."""
+    ref = exact_copy(layer)
+    with torch.inference_mode(), GroupedConvsUnfolded():
+        return ref(x.double()).float()
+
+
+@contextlib.contextmanager
+def exact_layers(model: nn.Module):
+    """Within: every DSConv layer of `model` with a BFP input returns its exactly rounded output."""
+    refs = {m: exact_copy(m) for m in model.modules() if getattr(m, "act_format", None) is not None}
+    hooks = [m.register_forward_hook(lambda m, args, out, ref=ref: ref(args[0].double()).float())
+             for m, ref in refs.items()]
+    try:
+        with GroupedConvsUnfolded():
+            yield model
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.fixture(params=["kernel", "eager"])
+def path(request, monkeypatch):
+    """Run the int backend with the CPU kernel where it applies, or on the eager path only."""
+    if request.param == "kernel" and int_backend.cpu_kernel() is None:
+        pytest.skip("the CPU kernel does not run here (it needs AVX-512 and a C++ compiler)")
+    monkeypatch.setattr(int_backend, "KERNEL", request.param == "kernel")
+    return request.param
+
+
+def assert_int_is_exact(layer: nn.Module, x: torch.Tensor) -> None:
+    """The int output equals the exactly rounded one bit for bit, and the simulated one to TOL."""
+    out, ref = run_both(layer, x)
+    assert out.shape == ref.shape
+    assert rel_err(out, ref) <= TOL
+    assert torch.equal(out, exactly_rounded(layer, x))
 
 
 def activations(*shape, seed=0) -> torch.Tensor:
@@ -80,37 +156,37 @@ CONV_CASES = {
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's, in the simulation
 @pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
-def test_conv_layer_types(case):
+def test_conv_layer_types(case, path):
     layer = conv(**case)
-    out, ref = run_both(layer, activations(2, case["c"], 9, 8))
-    assert out.shape == ref.shape
-    assert rel_err(out, ref) <= TOL
+    assert_int_is_exact(layer, activations(2, case["c"], 9, 8))
+    ungrouped_channel_blocks = case.get("groups", 1) == 1 and layer.layout.kind == "channel"
+    assert (layer._int_plan.kernel is not None) == (path == "kernel" and ungrouped_channel_blocks)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("act_bits", range(2, 9))
-def test_every_weight_and_mantissa_width(bits, act_bits):
+def test_every_weight_and_mantissa_width(bits, act_bits, path):
     layer = conv(40, 16, 3, padding=1, wf=WeightFormat(bits=bits, block=16), af=ActFormat(act_bits, 16))
-    out, ref = run_both(layer, activations(2, 40, 6, 6, seed=bits * 10 + act_bits))
-    assert rel_err(out, ref) <= TOL
+    assert_int_is_exact(layer, activations(2, 40, 6, 6, seed=bits * 10 + act_bits))
+    if path == "kernel":  # 8-bit weights run as two planes of 4-bit ones
+        assert layer._int_plan.kernel.weight.shape[2] == (2 if layer.vqk.abs().max() > 64 else 1)
 
 
-@pytest.mark.parametrize("block,act_block", [(1, 1), (1, 8), (8, 32), (32, 8), (5, 3), (64, 64)])
+@pytest.mark.parametrize("block,act_block", [(1, 1), (1, 8), (8, 32), (32, 8), (5, 3), (5, 5), (64, 64)])
 @pytest.mark.parametrize("groups", [1, 4])
-def test_weight_and_activation_blocks_of_any_size(block, act_block, groups):
+def test_weight_and_activation_blocks_of_any_size(block, act_block, groups, path):
     layer = conv(40, 8, 3, padding=1, groups=groups, wf=WeightFormat(block=block), af=ActFormat(block=act_block))
-    out, ref = run_both(layer, activations(2, 40, 5, 5))
-    assert rel_err(out, ref) <= TOL
+    assert_int_is_exact(layer, activations(2, 40, 5, 5))
 
 
 @pytest.mark.parametrize("shape", [(5, 40), (2, 3, 40), (40,)])
-def test_linear_is_a_1x1_conv(shape):
+def test_linear_is_a_1x1_conv(shape, path):
     torch.manual_seed(0)
     layer = to_dsconv(nn.Linear(40, 10), WeightFormat(block=16), ActFormat(block=16))
     x = torch.randn(*shape) * 3
-    out, ref = run_both(layer, x)
-    assert out.shape == ref.shape == (*shape[:-1], 10)
-    assert rel_err(out, ref) <= TOL
+    out, _ = run_both(layer, x)
+    assert out.shape == (*shape[:-1], 10)
+    assert_int_is_exact(layer, x)
 
 
 class PadInForward(nn.Conv2d):
@@ -122,16 +198,18 @@ class PadInForward(nn.Conv2d):
 
 
 @pytest.mark.parametrize("groups", [1, 16])
-def test_subclass_that_calls_conv2d_itself(groups):
+def test_subclass_that_calls_conv2d_itself(groups, path):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3), PadInForward(16, 16, 3, stride=2, groups=groups))
     qmodel, _ = dsq.quantize(model)
     assert type(qmodel[1]).__name__ == "DSPadInForward"
-    out, ref = run_both(qmodel, torch.randn(2, 3, 12, 12))
-    assert rel_err(out, ref) <= TOL
+    x = torch.randn(2, 3, 12, 12)
+    with torch.inference_mode():
+        layer_input = qmodel[0](x)
+    assert_int_is_exact(qmodel[1], layer_input)
 
 
-def test_integer_products_go_through_int_mm(monkeypatch):
+def test_eager_products_go_through_int_mm(monkeypatch):
     calls = []
 
     def spy(a, b):
@@ -140,10 +218,95 @@ def test_integer_products_go_through_int_mm(monkeypatch):
 
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", spy)
+    monkeypatch.setattr(int_backend, "KERNEL", False)
     layer = conv(64, 16, 3, padding=1)  # 2 blocks x 9 taps
     out, ref = run_both(layer, activations(1, 64, 5, 5))
     assert calls == [(torch.int8, torch.int8)] * 18
     assert rel_err(out, ref) <= TOL
+
+
+def test_kernel_runs_a_conv_in_one_call(monkeypatch):
+    """With the CPU kernel, an ungrouped conv is one call into it, with int8 weights, and no
+    integer product runs in torch."""
+    kernel = int_backend.cpu_kernel()
+    if kernel is None:
+        pytest.skip("the CPU kernel does not run here")
+    calls = []
+
+    class Spy:
+        def conv(self, *args):
+            calls.append(args[1].dtype)
+            return kernel.conv(*args)
+
+    monkeypatch.setattr(int_backend, "cpu_kernel", lambda: Spy())
+    monkeypatch.setattr(torch, "_int_mm", None)
+    layer = conv(64, 16, 3, padding=1)
+    out, ref = run_both(layer, activations(1, 64, 5, 5))
+    assert calls == [torch.int8]
+    assert rel_err(out, ref) <= TOL
+
+
+def test_without_a_compiler_the_eager_path_runs(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no compiler here\nsecond line")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", fail)
+    monkeypatch.setattr(int_backend, "_kernel_module", None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    layer = conv(40, 16, 3, padding=1)
+    with pytest.warns(RuntimeWarning, match=r"could not be built \(no compiler here\); .* eager path"):
+        out, ref = run_both(layer, activations(1, 40, 5, 5))
+    assert layer._int_plan.kernel is None and rel_err(out, ref) <= TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        run_both(conv(40, 16, 3, padding=1), activations(1, 40, 5, 5))
+
+
+def test_kernel_bfp_encoding_equals_bfp_encode():
+    """The kernel's own BFP encoder against dsq.formats.bfp_encode: ties at half a step (rounded
+    to even), powers of two at block peaks, zero and subnormal blocks, clamping; a contiguous and
+    a channels-last input; ragged blocks; zero padding."""
+    kernel = int_backend.cpu_kernel()
+    if kernel is None:
+        pytest.skip("the CPU kernel does not run here")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 5, 19, generator=g) * torch.exp2(torch.randint(-20, 20, (2, 1, 5, 19), generator=g).float())
+    x[0, :8, 0, 0] = torch.tensor([2.0, 0.5, -0.5, 1.5, -1.5, 2.5, 0.0, 3 / 64])  # ties at a step of 1/64
+    x[0, :, 1, 0] = 0
+    x[1, :, 2, 3] = 1e-40  # subnormal
+    x[1, 5, 3, 3], x[1, 6, 3, 3] = 2.0**20, 2.0**-30
+    pads = [1, 2, 0, 3]
+    for bits, block, run in [(8, 16, 16), (4, 16, 16), (2, 5, 8), (8, 64, 40)]:
+        mant, step = bfp_encode(x.permute(0, 2, 3, 1), ActFormat(bits, block), dim=-1)
+        mant = F.pad(int_backend._fit_last(mant.int() + 128, run, 128), (0, 0, 0, 0, *pads), value=128)
+        step = F.pad(step.squeeze(-1), (0, 0, *pads))
+        for layout in (torch.contiguous_format, torch.channels_last):
+            u, s = kernel.bfp_encode_u8(x.contiguous(memory_format=layout), bits, block, run, pads)
+            assert torch.equal(u.int(), mant.flatten(-2)), (bits, block, layout)
+            assert torch.equal(s, step), (bits, block, layout)
+
+
+def test_int_is_the_same_for_any_batch(path):
+    """Sums in float64, rounded once: an image gets the same output bit for bit in any batch."""
+    layer = conv(40, 16, 3, padding=1)
+    x = activations(5, 40, 6, 6)
+    set_backend(layer, "int")
+    with torch.inference_mode():
+        assert torch.equal(torch.cat([layer(x[i:i + 1]) for i in range(5)]), layer(x))
+
+
+@pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (1, 2, 0)])
+def test_output_memory_format_follows_the_input(kernel, stride, padding, path):
+    layer = conv(40, 16, kernel, stride=stride, padding=padding)
+    x = activations(2, 40, 7, 6)
+    set_backend(layer, "int")
+    with torch.inference_mode():
+        out = layer(x)
+        out_cl = layer(x.contiguous(memory_format=torch.channels_last))
+    assert out.is_contiguous() and out_cl.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, out_cl) and torch.equal(out, exactly_rounded(layer, x))
 
 
 def test_weight_under_int_is_a_stand_in_without_float_storage():
@@ -226,30 +389,51 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def assert_every_layer_matches(model: nn.Module, x: torch.Tensor) -> None:
-    """Each layer under int against simulate, on the same input: the model's own activations.
-
-    Not the free-running logits: a network rounds every layer's output to BFP again, so a value
-    within float rounding of a rounding boundary can take the neighbouring mantissa and two runs
-    drift apart. Two runs of the simulated backend itself do that (batch of 1 vs 2, see
-    docs/integer-backend.md), so no other summation order can promise 1e-5 on the logits.
-    """
+    """Each layer under int against its exactly rounded output and the simulated one, on the same
+    input: the model's own activations."""
     layers = dict(model.named_modules())
     inputs = layer_inputs(model, x)
     assert inputs
     for name, layer_input in inputs.items():
         out, ref = run_both(layers[name], layer_input)
         assert rel_err(out, ref) <= TOL, name
+        assert torch.equal(out, exactly_rounded(layers[name], layer_input)), name
+
+
+def assert_network_is_exact(model: nn.Module, x: torch.Tensor) -> None:
+    """The whole network under int, free-running, against the same network whose DSConv layers
+    round exactly: the same logits bit for bit.
+
+    Not against the float32 simulation: a network rounds every layer's output to BFP again, so a
+    value within float rounding of a rounding boundary takes the neighbouring mantissa in one run
+    and not in the other, and the runs drift apart (docs/integer-backend.md).
+    """
+    with exact_layers(model), torch.inference_mode():
+        ref = model(x)
+    set_backend(model, "int")
+    with torch.inference_mode():
+        out = model(x)
+    set_backend(model, "simulate")
+    out, ref = (t[0] if isinstance(t, (tuple, list)) else t for t in (out, ref))
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("name", zoo.ZOO)
-def test_zoo_models_layer_by_layer(name):
+def test_zoo_models_layer_by_layer(name, path):
     qmodel, _ = dsq.quantize(zoo.build(name))
     assert_every_layer_matches(qmodel, zoo.example_input(name))
+
+
+@pytest.mark.parametrize("name", zoo.ZOO)
+def test_zoo_models_free_running(name):
+    qmodel, _ = dsq.quantize(zoo.build(name))
+    assert_network_is_exact(qmodel, torch.cat([zoo.example_input(name, seed=s) for s in range(3)]))
 
 
 def test_quantized_linear_and_other_blocks_in_a_model():
     qmodel, _ = dsq.quantize(zoo.build("cifar_resnet20"), bits=3, block=16, act_block=8, quantize_linear=True)
     assert_every_layer_matches(qmodel, zoo.example_input("cifar_resnet20"))
+    assert_network_is_exact(qmodel, torch.cat([zoo.example_input("cifar_resnet20", seed=s) for s in range(3)]))
 
 
 @CUDA
@@ -262,11 +446,14 @@ def test_cuda_matches_cpu(case):
     assert rel_err(out.cpu(), ref) <= TOL
 
 
-@pytest.mark.realdata
-@pytest.mark.xfail(strict=False, reason="open (issue 4): int and simulated top-1 can differ by a few images")
-def test_resnet20_top1_identical_on_cifar10():
+@pytest.fixture(scope="module")
+def resnet20_on_cifar10():
+    """The real ResNet-20 quantized (4 bits, block 32, BFP8 inputs), and 1000 CIFAR-10 test images
+    spread over the classes with their labels."""
+    from torch.utils.data import DataLoader, Subset
+
     from dsq.data import get_preset, open_dataset
-    from dsq.evaluate import evaluate
+    from dsq.evaluate import spread_indices
     from dsq.models import load_model
 
     weights, images = DATA / "cifar10-resnet" / "resnet20-12fca82f.th", DATA / "cifar10-test"
@@ -274,13 +461,31 @@ def test_resnet20_top1_identical_on_cifar10():
         pytest.skip(f"shared data missing under {DATA}")
     loaded = load_model(str(weights))
     dataset = open_dataset(images, get_preset(loaded.preset).transform())
-    simulated, _ = dsq.quantize(loaded.model)
-    integer = copy.deepcopy(simulated)
+    x, y = next(iter(DataLoader(Subset(dataset, spread_indices(len(dataset), 1000)), batch_size=1000)))
+    qmodel, _ = dsq.quantize(loaded.model)
+    return qmodel, x, y
+
+
+@pytest.mark.realdata
+def test_resnet20_on_cifar10_equals_the_exactly_rounded_network(resnet20_on_cifar10):
+    qmodel, x, _ = resnet20_on_cifar10
+    assert_network_is_exact(qmodel, x[::5])  # 200 images
+
+
+@pytest.mark.realdata
+def test_resnet20_on_cifar10_predictions_against_the_simulation(resnet20_on_cifar10):
+    """Int against the float32 simulation on 1000 images: 1 prediction differs (10 of all 10 000,
+    and top-1 is the same there, 81.43 %: docs/integer-backend.md). A bound, not equality: the
+    simulation's float32 sums drift (see assert_network_is_exact), by how much depends on its
+    summation order, so on the machine and the thread count."""
+    qmodel, x, y = resnet20_on_cifar10
+    integer = copy.deepcopy(qmodel)
     set_backend(integer, "int")
-    acc = evaluate({"simulate": simulated, "int": integer}, dataset, limit=1000, batch_size=100, workers=0,
-                   progress=False)
-    assert acc["int"].images == 1000
-    assert (acc["int"].top1, acc["int"].top5) == (acc["simulate"].top1, acc["simulate"].top5)
+    with torch.inference_mode():
+        sim_pred = torch.cat([qmodel(b).argmax(1) for b in x.split(250)])
+        int_pred = torch.cat([integer(b).argmax(1) for b in x.split(250)])
+    assert (int_pred != sim_pred).sum() <= 3
+    assert abs((int_pred == y).sum() - (sim_pred == y).sum()) <= 3
 
 
 @pytest.mark.realdata
