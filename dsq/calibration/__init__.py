@@ -72,7 +72,6 @@ def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, im
     layers = {name: m for name, m in qmodel.named_modules() if is_dsconv(m)}
     if not layers:
         raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
-    torch.manual_seed(seed)
     probe = images[spread_indices(len(images), fit_images)]
     result = CalibrationReport(len(images), len(probe), source)
     scale_dtype = report.settings.get("scale_dtype", "float32")
