@@ -102,13 +102,17 @@ def _matches(name: str, patterns) -> str | None:
     return next((p for p in patterns if fnmatch.fnmatchcase(name, p)), None)
 
 
+def sqnr_db(signal: float, noise: float) -> float:
+    """10 log10(signal / noise): infinite without noise."""
+    return 10 * math.log10(signal / noise) if noise else math.inf
+
+
 def weight_error(w: torch.Tensor, wq: torch.Tensor) -> tuple[float, float]:
     """Weight SQNR in dB and relative L2 error."""
     signal = w.double().pow(2).sum().item()
     noise = (w.double() - wq.double()).pow(2).sum().item()
     rel = math.sqrt(noise / signal) if signal else 0.0
-    sqnr = 10 * math.log10(signal / noise) if noise else math.inf
-    return sqnr, rel
+    return sqnr_db(signal, noise), rel
 
 
 def state_bytes(model: nn.Module) -> int:

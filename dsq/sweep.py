@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from .calibration import calibrate
-
 from .convert import quantize, state_bytes
 from .resume import ResumableRun
 

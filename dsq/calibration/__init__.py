@@ -79,8 +79,8 @@ def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, im
         result.sqnr_before = output_sqnr(float_model, qmodel, list(layers), probe)
     if refit or bias:
         started = time.perf_counter()
-        refit_layers(float_model, qmodel, layers, images, fit_scales=refit, bias=bias,
-                     scale_dtype=scale_torch_dtype(scale_dtype), fit_images=fit_images, progress=progress)
+        refit_layers(float_model, qmodel, layers, probe, fit_scales=refit, bias=bias,
+                     scale_dtype=scale_torch_dtype(scale_dtype), progress=progress)
         result.stages["refit" if refit else "bias"] = time.perf_counter() - started
         if refit and bias:
             result.stages["bias"] = 0.0  # done in the same pass

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
 from ..nn.int_backend import _padding
@@ -52,10 +53,6 @@ class Call:
         cols = F.unfold(x, kernel, dilation=o["dilation"], stride=o["stride"])  # (N, C*kh*kw, L)
         groups = o["groups"]
         return cols.unflatten(1, (groups, -1)).permute(1, 2, 0, 3).flatten(2)
-
-
-def _pair(v) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else tuple(v)
 
 
 def _options(func, args, kwargs) -> tuple[torch.Tensor, dict]:

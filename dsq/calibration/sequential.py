@@ -6,7 +6,6 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..evaluate import spread_indices
 from .capture import Call, route_calls
 from .inputs import InputMoments, input_moments, output_means
 from .scales import fit_to_inputs
@@ -37,12 +36,11 @@ def correct_bias(layer: nn.Module, moments: InputMoments, float_mean: torch.Tens
 
 def refit_layers(float_model: nn.Module, qmodel: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, *,
                  fit_scales: bool = True, bias: bool = True, scale_dtype: torch.dtype = torch.float32,
-                 fit_images: int = DEFAULT_FIT_IMAGES, progress: bool = False) -> list[str]:
+                 progress: bool = False) -> list[str]:
     """Refit every layer of `layers` (name -> DSConv module of `qmodel`) in the order they run,
-    on `fit_images` of the `images` spread over them, and return that order. One pass of the
-    quantized network over all of them at once: each layer is refitted when the pass reaches
-    it, so the layers after it see its new output. `float_model` has a float layer under each name."""
-    images = images[spread_indices(len(images), fit_images)]
+    on `images`, and return that order. One pass of the quantized network over all of them at
+    once: each layer is refitted when the pass reaches it, so the layers after it see its new
+    output. `float_model` has a float layer under each name."""
     float_layers = dict(float_model.named_modules())
     targets, order = output_means(float_model, {n: float_layers[n] for n in layers}, images)
     bar = tqdm(total=len(order), desc="refitting layers", unit="layer", disable=not progress)

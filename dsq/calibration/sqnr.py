@@ -1,10 +1,10 @@
 """Per-layer output SQNR: each quantized layer's output against the float layer's, on the same images."""
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
+
+from ..convert import sqnr_db
 
 
 def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -32,4 +32,4 @@ def output_sqnr(float_model: nn.Module, qmodel: nn.Module, names: list[str], ima
         for n in names:
             signal[n] += f[n].double().square().sum().item()
             noise[n] += (f[n].double() - q[n].double()).square().sum().item()
-    return {n: 10 * math.log10(signal[n] / noise[n]) if noise[n] else math.inf for n in names}
+    return {n: sqnr_db(signal[n], noise[n]) for n in names}
