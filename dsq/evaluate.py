@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -87,13 +89,28 @@ def _check_logits(name: str, logits, labels: torch.Tensor) -> None:
                        "use images labelled for this model, or --classes FILE in the model's output order")
 
 
+@contextlib.contextmanager
+def _side_by_side(n_models: int, device: torch.device):
+    """A `map` that runs the models of a batch side by side on the CPU: with T threads and M
+    models, min(M, T) at once with T // min(M, T) threads each, since small convs use one core
+    better than two. In turn on a GPU or with one thread (under torchrun, for example)."""
+    threads = torch.get_num_threads()
+    lanes = min(n_models, threads) if device.type == "cpu" else 1
+    if lanes <= 1:
+        yield map
+        return
+    with ThreadPoolExecutor(lanes, initializer=torch.set_num_threads, initargs=(threads // lanes,)) as pool:
+        yield pool.map
+
+
 def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, workers: int = 0,
              limit: int | None = None, device: str | torch.device = "cpu",
              progress: bool = True, desc: str = "evaluate") -> dict[str, Accuracy]:
     """Top-1/top-5 accuracy of every model in `models` on `dataset` ((image tensor, label) items).
 
     Each batch is decoded once and run through every model, so all models see the same images
-    in the same order. `limit` evaluates that many images spread evenly over the dataset. The
+    in the same order; on the CPU several models run side by side (`seconds` is each one's own
+    time). `limit` evaluates that many images spread evenly over the dataset. The
     models are moved to `device` (they stay there) and run in eval mode under inference_mode;
     their train/eval mode is restored afterwards. Under torchrun each process evaluates every
     N-th batch (the same batches as one process would) and the counts are summed, so the
@@ -119,17 +136,23 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
     try:
         for model in models.values():
             model.to(resolved).eval()
-        with torch.inference_mode(), tqdm(total=sum(map(len, batches)), unit="img", desc=desc,
-                                          disable=not (progress and distributed.is_main())) as bar:
+        with torch.inference_mode(), _side_by_side(len(models), resolved) as run_all, \
+                tqdm(total=sum(map(len, batches)), unit="img", desc=desc,
+                     disable=not (progress and distributed.is_main())) as bar:
             for images, labels in _batches(loader):
                 images = images.to(resolved, non_blocking=True)
                 labels = labels.to(resolved)
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    logits = model(images)
-                    if resolved.type == "cuda":
-                        torch.cuda.synchronize(resolved)
-                    seconds[name] += time.perf_counter() - start
+
+                def forward(name: str, images=images) -> tuple[torch.Tensor, float]:
+                    with torch.inference_mode():
+                        start = time.perf_counter()
+                        logits = models[name](images)
+                        if resolved.type == "cuda":
+                            torch.cuda.synchronize(resolved)
+                        return logits, time.perf_counter() - start
+
+                for name, (logits, spent) in zip(models, run_all(forward, models)):
+                    seconds[name] += spent
                     _check_logits(name, logits, labels)
                     best = logits.topk(min(5, logits.shape[1]), dim=1).indices
                     hits = best == labels[:, None]

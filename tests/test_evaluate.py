@@ -133,6 +133,33 @@ def test_mode_restored_and_inference_mode():
     assert probe.training
 
 
+def test_models_run_side_by_side_on_the_cpu_threads():
+    """With 2 CPU threads, two models run at once with one thread each, in inference mode; the
+    caller's thread count is restored."""
+    class Probe(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.threads = set()
+
+        def forward(self, x):
+            assert torch.is_inference_mode_enabled()
+            self.threads.add(torch.get_num_threads())
+            return torch.zeros(len(x), 10)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        probes = {"a": Probe(), "b": Probe(), "c": Probe()}
+        evaluate(probes, Coded(LABELS), batch_size=10, progress=False)
+        assert torch.get_num_threads() == 2
+        assert all(p.threads == {1} for p in probes.values())
+        lone = Probe()
+        evaluate({"lone": lone}, Coded(LABELS), progress=False)
+        assert lone.threads == {2}
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_label_beyond_outputs():
     with pytest.raises(DsqError) as error:
         evaluate({"m": Ranked([0, 7], 5, lambda y: [0])}, Coded([0, 7]), progress=False)

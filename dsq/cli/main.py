@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from ..allocator import reuse_freed_memory
 from ..distributed import main_process_speaks
 from ..errors import DsqError
 from .demo import demo_command
@@ -34,4 +35,5 @@ for command in (quantize_command, eval_command, inspect_command, demo_command, s
 
 
 def main():
+    reuse_freed_memory()
     cli(prog_name="dsq")

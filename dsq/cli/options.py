@@ -113,8 +113,9 @@ format_options = stack(grid_options, recipe_options)
 
 backend_option = click.option(
     "--backend", type=click.Choice(BACKENDS), default="simulate", show_default=True,
-    help="How quantized layers compute: simulate (float arithmetic on the quantized values) or int "
-         "(int8 weights x int8 BFP mantissas summed in int32; layers with a float input keep simulating).")
+    help="How quantized layers compute: simulate (float32 arithmetic on the quantized values), int "
+         "(int8 weights x int8 BFP mantissas summed exactly; layers with a float input as exact) or exact "
+         "(simulate in float64, rounded once to float32: what int equals bit for bit).")
 
 
 def quant_kwargs(o: dict) -> dict:

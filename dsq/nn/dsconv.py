@@ -5,7 +5,8 @@ as EfficientNet-Lite's do, behave as before); it only changes two things: `weigh
 dequantized `alpha * q` computed from the stored integers, and the input is rounded to
 block floating point (BFP) first. This is the "simulated" backend: float arithmetic on
 exactly the values that the integer kernel multiplies. `set_backend(model, "int")` runs the
-layers on integers instead (dsq.nn.int_backend).
+layers on integers instead (dsq.nn.int_backend), `set_backend(model, "exact")` runs the
+simulation in float64, rounded once (dsq.nn.exact_backend): the reference int equals bit for bit.
 """
 from __future__ import annotations
 
@@ -14,17 +15,18 @@ import torch.nn as nn
 
 from ..errors import DsqError
 from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequantize, quantize_weight
+from .exact_backend import ExactWeight
 from .int_backend import IntWeight, check_int_device
 from .train import bfp_straight_through, ste_weight, trainable_mode
 
-BACKENDS = ("simulate", "int")
+BACKENDS = ("simulate", "int", "exact")
 
 
 class DSConvMixin:
     """The DSConv behaviour, mixed in front of a conv or linear class."""
 
     act_dim = 1  # the channel axis of the input that BFP blocks run along
-    backend = "simulate"  # or "int": see set_backend
+    backend = "simulate"  # or "int", "exact": see set_backend
 
     def _install(self, weight: torch.Tensor, fmt: WeightFormat, act: ActFormat | None) -> None:
         qw = quantize_weight(weight, fmt, getattr(self, "groups", 1))
@@ -43,8 +45,8 @@ class DSConvMixin:
             if "weight" not in self._parameters:
                 raise AttributeError("weight")
             return self._parameters["weight"]
-        if self.runs_int:
-            return IntWeight(self)
+        if self.backend != "simulate":
+            return IntWeight(self) if self.runs_int else ExactWeight(self)
         latent = self._parameters.get("latent")  # a trainable layer's (dsq.nn.train)
         sources = (self.vqk, self.kds) if latent is None else (self.vqk, self.kds, latent)
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
@@ -74,7 +76,7 @@ class DSConvMixin:
     @property
     def runs_int(self) -> bool:
         """Whether this layer computes on integers: the int backend and a BFP input (a float
-        input has no mantissas, so such a layer keeps simulating)."""
+        input has no mantissas, so such a layer computes as under "exact")."""
         return self.backend == "int" and self.act_format is not None
 
     @property
@@ -143,21 +145,24 @@ def set_backend(model: nn.Module, backend: str) -> list[str]:
     """Make every DSConv layer of `model` compute with `backend`, and return the names of the
     layers that now run on integers.
 
-    "simulate": float arithmetic on the dequantized weights and BFP-rounded inputs. "int":
-    int8 VQK x int8 BFP mantissas summed in int32, then one float multiply-add per block and
-    tap (dsq.nn.int_backend; inference only). Under "int", layers with a float input (the
-    image input, or activation quantization off) keep simulating.
+    "simulate": torch's float32 conv on the dequantized weights and BFP-rounded inputs. "int":
+    int8 VQK x int8 BFP mantissas summed in int32, then one float64 multiply-add per block and
+    tap, rounded once (dsq.nn.int_backend); layers with a float input (the image input, or
+    activation quantization off) compute as under "exact". "exact": the simulated arithmetic
+    in float64, rounded once to float32 (dsq.nn.exact_backend). "int" and "exact" are for
+    inference and refuse a trainable model.
     """
     if backend not in BACKENDS:
         raise DsqError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
     layers = {name: m for name, m in model.named_modules() if is_dsconv(m)}
     if not layers:
         raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
-    if backend == "int":
+    if backend != "simulate":
         trainable = [name for name, m in layers.items() if trainable_mode(m)]
         if trainable:
             raise DsqError(f"the model is trainable ({len(trainable)} DSConv layers, e.g. {trainable[0]!r}) and the "
-                           "int backend would run on stale integers: dsq.nn.freeze(model) first")
+                           f"{backend} backend would run on stale integers: dsq.nn.freeze(model) first")
+    if backend == "int":
         if all(m.act_format is None for m in layers.values()):
             raise DsqError("the int backend needs BFP inputs, but every layer has a float input: "
                            "quantize with activation quantization on (act_bits, --act)")
@@ -165,7 +170,7 @@ def set_backend(model: nn.Module, backend: str) -> list[str]:
             check_int_device(m.vqk.device)
     for m in layers.values():
         m.backend = backend
-        m._cache = None  # the int backend needs no float weight
+        m._cache = None  # the int and exact backends need no float32 weight
     return [name for name, m in layers.items() if m.runs_int]
 
 

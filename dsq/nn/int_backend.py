@@ -26,8 +26,9 @@ Two ways to run it:
 
 Both sum the units in float64 and round once to float32 (`FLOAT64_SUMS`; every product
 dot * step * alpha is exact in float64): the result is the exactly rounded value of the formula
-above, the same bit for bit on either path, in any batch and with any number of threads. The
-simulated backend, which sums in float32, equals it up to that summation order.
+above, the same bit for bit on either path, in any batch and with any number of threads: the
+output of the exact backend (dsq.nn.exact_backend), which also computes the layers with a float
+input here. The simulated backend, which sums in float32, equals it up to that summation order.
 """
 from __future__ import annotations
 
@@ -39,10 +40,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
-from torch.utils._pytree import tree_map_only
 
 from ..errors import DsqError
-from ..formats import CHANNEL, bfp_encode, dequantize
+from ..formats import CHANNEL, bfp_encode
+from .stand_in import StandInWeight
 
 INT_DEVICES = ("cpu", "cuda")  # where torch has an int8 x int8 -> int32 matrix product (torch._int_mm)
 FLOAT64_SUMS = True  # sum the units in float64 and round once (see the module docstring)
@@ -326,41 +327,11 @@ def int_linear(input, weight: "IntWeight", bias=None) -> torch.Tensor:
     return out.reshape(*input.shape[:-1], -1)
 
 
-_KERNELS = {F.conv2d: int_conv2d, F.linear: int_linear}
+class IntWeight(StandInWeight):
+    """A DSConv layer's `weight` under the int backend: F.conv2d or F.linear called with it run
+    `int_conv2d` / `int_linear`; any other use sees the dequantized weight alpha * q."""
 
-
-class IntWeight(torch.Tensor):
-    """A DSConv layer's `weight` under the int backend: the weight's shape, dtype and device,
-    but no float storage. F.conv2d or F.linear called with it run `int_conv2d` / `int_linear`,
-    whoever calls them (nn.Conv2d's forward, or a subclass that pads first); any other use
-    sees the dequantized weight alpha * q."""
-
-    @staticmethod
-    def __new__(cls, layer):
-        self = torch.Tensor._make_wrapper_subclass(cls, layer.vqk.shape, dtype=layer.kds.dtype,
-                                                   device=layer.vqk.device)
-        self.layer = layer
-        return self
-
-    def __repr__(self) -> str:
-        return f"IntWeight(shape={tuple(self.shape)}, layer={type(self.layer).__name__})"
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        weight = args[1] if len(args) > 1 else kwargs.get("weight")
-        if func in _KERNELS and isinstance(weight, IntWeight):
-            return _KERNELS[func](*args, **kwargs)
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        def dequantized(w: IntWeight) -> torch.Tensor:
-            return dequantize(w.layer.vqk, w.layer.kds, w.layer.layout).reshape(w.shape)
-
-        args, kwargs = tree_map_only(IntWeight, dequantized, (args, kwargs or {}))
-        return func(*args, **kwargs)
+    kernels = {F.conv2d: int_conv2d, F.linear: int_linear}
 
 
 _KERNEL_SOURCE = r"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -199,6 +200,15 @@ def test_demo_help_states_defaults():
     text = _help("demo")
     assert text.startswith("Usage: dsq demo [OPTIONS]")
     assert "[default: 4" in text and "default: 32" in text and "--json" in text
+
+
+@pytest.mark.parametrize("command", ["quantize", "eval"])
+def test_backend_option_states_choices_default_and_what_each_is(command):
+    text = _help(command)
+    option = re.search(r"--backend \[simulate\|int\|exact\] ([^[]*)\[default: simulate\]", text)
+    assert option, text
+    for backend in ("simulate (", "int (", "exact ("):
+        assert backend in option.group(1)
 
 
 def test_group_help_lists_the_commands():

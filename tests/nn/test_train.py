@@ -207,14 +207,16 @@ def test_freeze_refuses_scales_beyond_float16_and_changes_nothing(one_line_dsq_e
     assert freeze(model) == ["0", "1"] and not is_trainable(model)
 
 
-def test_int_backend_refuses_a_trainable_model(one_line_dsq_error):
+@pytest.mark.parametrize("backend", ["int", "exact"])
+def test_int_and_exact_backends_refuse_a_trainable_model(backend, one_line_dsq_error):
     _, qmodel, _ = _quantized_c2f()
     make_trainable(qmodel)
-    message = one_line_dsq_error(set_backend, qmodel, "int")
+    message = one_line_dsq_error(set_backend, qmodel, backend)
     assert "freeze" in message
     assert all(m.backend == "simulate" for m in qmodel.modules() if hasattr(m, "backend"))
     freeze(qmodel)
-    assert set_backend(qmodel, "int")
+    set_backend(qmodel, backend)
+    assert all(m.backend == backend for m in qmodel.modules() if hasattr(m, "backend"))
     message = one_line_dsq_error(make_trainable, qmodel)
     assert "simulate" in message
 

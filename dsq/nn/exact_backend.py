@@ -1,0 +1,46 @@
+"""The "exact" backend: the simulated arithmetic with every conv and linear in float64, rounded once.
+
+The layer computes what the simulated backend computes, the dequantized weight alpha * q times the
+BFP-rounded input, but in float64: alpha * q (a float32 times an integer of at most 8 bits) and the
+BFP input (a mantissa of at most 8 bits times a power of two) are exact there, so is each product,
+and the sums are float64; the result is rounded once to float32. That is the exactly rounded
+output of the layer, which the int backend also computes, bit for bit (its units are summed in
+float64 too), whereas the simulation's float32 sums depend on their order. Layers with a float
+input (the image) are computed in float64 as well. Inference only, like int: set_backend refuses a
+trainable model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..formats import dequantize
+from .stand_in import StandInWeight
+
+
+def exact_weight(layer) -> torch.Tensor:
+    """The layer's alpha * q in float64, where it is exact."""
+    return dequantize(layer.vqk, layer.kds.double(), layer.layout).reshape(layer.vqk.shape)
+
+
+def _double(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.double()
+
+
+def exact_conv2d(input, weight: "ExactWeight", bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """F.conv2d in float64 on the layer's exact alpha * q, rounded once to float32."""
+    out = F.conv2d(input.double(), exact_weight(weight.layer), _double(bias), stride, padding, dilation, groups)
+    return out.float()
+
+
+def exact_linear(input, weight: "ExactWeight", bias=None) -> torch.Tensor:
+    """F.linear in float64 on the layer's exact alpha * q, rounded once to float32."""
+    return F.linear(input.double(), exact_weight(weight.layer), _double(bias)).float()
+
+
+class ExactWeight(StandInWeight):
+    """A DSConv layer's `weight` under the exact backend (and under int where the input is float):
+    F.conv2d or F.linear called with it run `exact_conv2d` / `exact_linear`; any other use sees
+    the dequantized weight alpha * q."""
+
+    kernels = {F.conv2d: exact_conv2d, F.linear: exact_linear}
