@@ -6,7 +6,8 @@ folds (calibrate on one half, evaluate on the other, then swap), so that no imag
 a model calibrated on it. Prints one table per model and writes calibration.json / .csv.
 
     python calibration.py --model resnet20 --bits 2,3,4
-    python calibration.py --model lite0 --bits 4 --depthwise-bits 4
+    python calibration.py --model lite0 --bits 4 --depthwise-bits 4 --layer-bits '_conv_stem=8' \
+        --layer-bits '_blocks.[0-3].*=8' --variants data-free,refit
 """
 from __future__ import annotations
 
@@ -98,7 +99,13 @@ def row(model, name, float_top1, top1, images, bits_per_weight, stages) -> dict:
 
 
 def quant_options(args) -> dict:
-    return dict(block=args.block, depthwise_bits=args.depthwise_bits, scale_dtype=args.scale_dtype)
+    return dict(block=args.block, depthwise_bits=args.depthwise_bits, scale_dtype=args.scale_dtype,
+                layer_bits=dict(args.layer_bits))
+
+
+def glob_bits(text: str) -> tuple[str, int]:
+    glob, _, bits = text.rpartition("=")
+    return glob, int(bits)
 
 
 def main() -> None:
@@ -107,7 +114,9 @@ def main() -> None:
     p.add_argument("--bits", default="2,3,4", type=lambda s: [int(b) for b in s.split(",")])
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--depthwise-bits", type=int, default=8)
-    p.add_argument("--scale-dtype", default="float32")
+    p.add_argument("--scale-dtype", default="float16")
+    p.add_argument("--layer-bits", action="append", default=[], type=glob_bits, metavar="GLOB=BITS",
+                   help="bits for the layers whose names match GLOB (repeatable; the first match wins)")
     p.add_argument("--per-class", type=int, default=100, help="CIFAR-10 calibration images per class")
     p.add_argument("--adapt-steps", type=int, default=dsq.calibration.DEFAULT_STEPS)
     p.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))

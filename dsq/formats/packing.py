@@ -70,12 +70,11 @@ def pack_weight(vqk: torch.Tensor, layout: BlockLayout, bits: int) -> torch.Tens
 def unpack_weight(packed: torch.Tensor, layout: BlockLayout, bits: int) -> torch.Tensor:
     """Inverse of `pack_weight`: int8 codes of the layout's (O, I, kh, kw) shape.
 
-    Made by the steps `quantize_weight` makes its VQK with (`from_slices`, a copy, contiguous),
-    so that the strides match to the last size-1 axis: convolutions pick their kernel, and so
-    their rounding, by the weight's strides, and a reload must compute exactly what the
-    quantized model computed.
+    With plain strides, as `quantize_weight` makes its VQK: convolutions pick their kernel, and so
+    their rounding, by the weight's strides, and a reload must compute exactly what the quantized
+    model computed.
     """
     mask = layout.valid_mask()
     codes = unpack(packed, bits, int(mask.sum()))
     slices = torch.zeros(mask.shape, dtype=torch.int8).masked_scatter_(mask, codes)
-    return layout.from_slices(slices).clone().contiguous()
+    return layout.from_slices(slices).clone(memory_format=torch.contiguous_format)

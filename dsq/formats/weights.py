@@ -134,5 +134,7 @@ def quantize_weight(weight: torch.Tensor, fmt: WeightFormat, groups: int = 1) ->
         q, alpha = fit_kl(slices, fmt.bits, mask=layout.valid_mask())
     else:
         q, alpha = fit_l2(slices, fmt.bits, fmt.rounds, fmt.sum_weight)
-    vqk = layout.from_slices(q).to(torch.int8).contiguous()
+    # Plain strides (a 1x1 weight can come out of from_slices with channels-last strides that torch
+    # counts as contiguous, and convs would then return channels-last outputs).
+    vqk = layout.from_slices(q).to(torch.int8).clone(memory_format=torch.contiguous_format)
     return QuantizedWeight(vqk.reshape(weight.shape), alpha.reshape(layout.scale_shape), layout)

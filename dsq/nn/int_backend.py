@@ -214,7 +214,10 @@ def _run_kernel(x: torch.Tensor, layer, kp: KernelPlan, bias, kernel=(1, 1), str
     fmt = layer.act_format
     out = cpu_kernel().conv(x, kp.weight, kp.alpha, kp.comp, bias, list(kernel), list(stride), list(dilation),
                             list(pads), fmt.bits, fmt.block, kp.chunk, FLOAT64_SUMS, nchw)
-    return out[:, : kp.out_channels] if nchw else out[..., : kp.out_channels].permute(0, 3, 1, 2)
+    # Dense like torch's own conv output: later float ops (BatchNorm) round a strided view differently.
+    if nchw:
+        return out[:, : kp.out_channels].contiguous()
+    return out[..., : kp.out_channels].permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
 
 
 def _int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,10 @@ def _c2f(seed: int) -> nn.Module:
 
 
 def _quantized_c2f(seed: int = 2) -> tuple[nn.Module, nn.Module, dsq.QuantReport]:
-    """(float C2f, its DSConv copy, report): 4-bit, block 8, every conv input in BFP."""
+    """(float C2f, its DSConv copy, report): 4-bit, block 8, every conv input in BFP, float32
+    scales (trained scales then save as they are)."""
     model = _c2f(seed)
-    qmodel, report = dsq.quantize(model, bits=4, block=8, quantize_image_input=True)
+    qmodel, report = dsq.quantize(model, bits=4, block=8, quantize_image_input=True, scale_dtype="float32")
     return model, qmodel, report
 
 
