@@ -27,8 +27,8 @@ from .images import DEFAULT_CALIB_IMAGES, calibration_files, load_images
 from .sequential import DEFAULT_FIT_IMAGES, refit_layers
 from .sqnr import output_sqnr
 
-__all__ = ["CalibrationReport", "DEFAULT_CALIB_IMAGES", "DEFAULT_STEPS", "calibrate", "calibration_files",
-           "load_images"]
+__all__ = ["CalibrationReport", "DEFAULT_CALIB_IMAGES", "DEFAULT_FIT_IMAGES", "DEFAULT_STEPS", "calibrate",
+           "calibration_files", "load_images"]
 
 
 @dataclass
@@ -64,7 +64,8 @@ def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, im
     refit: data-aware VQK and KDS (minimising each layer's output error on its calibration
     inputs). bias: match each layer's mean output to the float network's. batchnorm:
     re-estimate BatchNorm statistics. adapt_steps > 0: distillation from `float_model`
-    (`adapt_weights` "ste" re-derives the integers, "fixed" keeps them), stopped after
+    (`adapt_weights` "fixed" keeps the integers, "ste" re-derives them, "learned" learns each
+    weight's rounding down or up from `float_model`'s weight, AdaRound-style), stopped after
     `adapt_seconds` if given. Seeded by `seed`.
     """
     if len(images) == 0:

@@ -1,6 +1,7 @@
 """Distillation adaptation (spec section 4): the float network teaches the quantized one on
 unlabelled images; only the float parts learn (KDS, biases, BatchNorm's affine), and, with
-weights="ste", the integers through a straight-through latent weight."""
+weights="ste", the integers through a straight-through latent weight, or with weights="learned"
+each weight's rounding down or up (AdaRound)."""
 from __future__ import annotations
 
 import math
@@ -13,11 +14,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..nn import freeze, make_trainable, parameter_groups
+from ..nn.train import rounding_penalty
 
 DEFAULT_STEPS = 200
 DEFAULT_BATCH = 64
 DEFAULT_LR = 1e-4  # KDS and latent weights; biases and BatchNorm learn 10x faster
 FLOAT_PARTS_LR = 10.0
+ROUNDING_LR = 1e-2  # the learned roundings V are sigmoid inputs (order 1), not weights: their own rate
+DEFAULT_ROUNDING_WEIGHT = 0.01  # lambda: the rounding penalty (at most 1) against the distillation loss
 
 
 @dataclass
@@ -47,17 +51,22 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Ten
 
 def adapt(float_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, *, steps: int = DEFAULT_STEPS,
           seconds: float | None = None, batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR,
-          weights: str = "fixed", scale_dtype: str = "float32", seed: int = 0, progress: bool = False) -> AdaptResult:
+          weights: str = "fixed", rounding_weight: float = DEFAULT_ROUNDING_WEIGHT, scale_dtype: str = "float32",
+          seed: int = 0, progress: bool = False) -> AdaptResult:
     """Train `qmodel` to match `float_model`'s outputs on `images` for `steps` steps (or until
     `seconds` have passed), seeded; BatchNorm keeps its statistics (eval mode). Leaves `qmodel`
-    frozen (an inference model again) with its scales in `scale_dtype`."""
+    frozen (an inference model again) with its scales in `scale_dtype`.
+
+    weights="learned" adds `rounding_weight` times the rounding penalty (dsq.nn.train.rounding_penalty,
+    its exponent annealed over `steps`) to the loss; the losses reported are the distillation's."""
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     float_model.eval(), qmodel.eval()
-    make_trainable(qmodel, weights)
+    make_trainable(qmodel, weights, reference=float_model)
     groups = parameter_groups(qmodel)
     optimizer = torch.optim.Adam([
         {"params": groups["latent"] + groups["kds"], "lr": lr},
+        {"params": groups["rounding"], "lr": ROUNDING_LR},
         {"params": groups["other"], "lr": lr * FLOAT_PARTS_LR},
     ])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
@@ -67,8 +76,9 @@ def adapt(float_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, *, st
         with torch.no_grad():
             teacher = float_model(batch)
         loss = distillation_loss(qmodel(batch), teacher)
+        total = loss + rounding_weight * rounding_penalty(qmodel, step / steps) if weights == "learned" else loss
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())

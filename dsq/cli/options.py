@@ -11,7 +11,7 @@ from ..data import get_preset, open_dataset
 from ..fileio import check_writable
 from ..formats import DEFAULT_ROUNDS, DEFAULT_SUM_WEIGHT, LAYOUTS, METHODS
 from ..formats.spec import MAX_BITS, MIN_BITS
-from ..calibration import DEFAULT_CALIB_IMAGES, DEFAULT_STEPS
+from ..calibration import DEFAULT_CALIB_IMAGES, DEFAULT_FIT_IMAGES, DEFAULT_STEPS
 from ..nn import BACKENDS, WEIGHT_MODES
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -137,6 +137,9 @@ calib_options = stack(
                  help="How many calibration images, taken in turn from the sub-folders of --calib."),
     click.option("--refit/--no-refit", default=True, show_default=True,
                  help="Refit each layer's integers and scales to its output on the calibration images."),
+    click.option("--refit-images", type=click.IntRange(min=1), default=DEFAULT_FIT_IMAGES, show_default=True,
+                 help="Calibration images the refit and bias correction run on, all at once (memory: the "
+                      "network's activations of that many images)."),
     click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
                  help="Give each quantized layer the float layer's mean output (adds a bias where none is)."),
     click.option("--bn-reestimate/--no-bn-reestimate", default=False, show_default=True,
@@ -146,8 +149,9 @@ calib_options = stack(
     click.option("--adapt-time", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Stop distillation after this many seconds  [default: no limit]"),
     click.option("--adapt-weights", type=click.Choice(WEIGHT_MODES), default="fixed", show_default=True,
-                 help="During distillation: ste re-derives the integers through a straight-through estimator, "
-                      "fixed keeps them and trains only the float parts."),
+                 help="During distillation: fixed keeps the integers and trains only the float parts, ste "
+                      "re-derives them through a straight-through estimator, learned learns each weight's "
+                      "rounding down or up from the float weight (AdaRound)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration's random choices."),
 )
 
@@ -158,7 +162,7 @@ def calib_kwargs(o: dict) -> dict | None:
         return None
     return dict(refit=o["refit"], bias=o["bias_correction"], batchnorm=o["bn_reestimate"],
                 adapt_steps=o["adapt_steps"], adapt_seconds=o["adapt_time"], adapt_weights=o["adapt_weights"],
-                seed=o["seed"])
+                fit_images=o["refit_images"], seed=o["seed"])
 
 
 def data_options(required: bool):

@@ -17,7 +17,7 @@ from ..errors import DsqError
 from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequantize, quantize_weight
 from .exact_backend import ExactWeight
 from .int_backend import IntWeight, check_int_device
-from .train import bfp_straight_through, ste_weight, trainable_mode
+from .train import bfp_straight_through, trainable_mode, trained_weight, weight_parameter
 
 BACKENDS = ("simulate", "int", "exact")
 
@@ -47,19 +47,19 @@ class DSConvMixin:
             return self._parameters["weight"]
         if self.backend != "simulate":
             return IntWeight(self) if self.runs_int else ExactWeight(self)
-        latent = self._parameters.get("latent")  # a trainable layer's (dsq.nn.train)
-        sources = (self.vqk, self.kds) if latent is None else (self.vqk, self.kds, latent)
+        trained = weight_parameter(self)  # a trainable layer's latent or rounding (dsq.nn.train)
+        sources = (self.vqk, self.kds) if trained is None else (self.vqk, self.kds, trained)
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return self._dequantized(latent)  # training: differentiable, never cached
+            return self._dequantized(trained)  # training: differentiable, never cached
         key = tuple((id(t), t.data_ptr(), t._version) for t in sources) + (self.kds.dtype,)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self._dequantized(latent))
+            self._cache = (key, self._dequantized(trained))
         return self._cache[1]
 
-    def _dequantized(self, latent: torch.Tensor | None) -> torch.Tensor:
-        if latent is None:
+    def _dequantized(self, trained: torch.Tensor | None) -> torch.Tensor:
+        if trained is None:
             return dequantize(self.vqk, self.kds, self.layout).reshape(self.vqk.shape)
-        return ste_weight(latent, self.kds, self.layout, self.weight_format.bits)
+        return trained_weight(self)
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """The input rounded to BFP (unchanged when activation quantization is off); while

@@ -5,9 +5,12 @@
                             is added and the integers are re-derived from it every forward:
                                 w = alpha * clamp(round_ste(latent / alpha), lo, hi)
                             (rounding with an identity gradient, so latent and alpha both get
-                            gradients, LSQ-style); with weights="fixed" the VQK stays put.
+                            gradients, LSQ-style); with weights="fixed" the VQK stays put; with
+                            weights="learned" (AdaRound) each weight learns whether to round
+                            down or up (a float `rounding` V per weight, h(V) in [0, 1]):
+                                w = alpha * clamp(base + h(V), lo, hi)
     freeze(model)           the trained integers back into the int8 `vqk` buffer, `kds` back
-                            to a buffer, `latent` gone: an inference model again (same output).
+                            to a buffer, `latent` / `rounding` gone: an inference model again.
 
 BFP inputs pass gradients straight through (DSConvMixin.quantize_input); see docs/training.md.
 """
@@ -20,8 +23,13 @@ from ..errors import DsqError
 from ..formats import ActFormat, BlockLayout, bfp_quantize
 from ..formats.weights import code_range
 
-WEIGHT_MODES = ("ste", "fixed")
+WEIGHT_MODES = ("ste", "fixed", "learned")
 LATENT = "latent"
+ROUNDING = "rounding"  # "learned": AdaRound's V, one per weight
+ROUNDING_BASE = "rounding_base"  # "learned": the lower of each weight's two codes (not in the state_dict)
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch, as in AdaRound (Nagel et al. 2020)
+BETA_START, BETA_END = 20.0, 2.0  # the rounding penalty's exponent, annealed over training
+HALF_MARGIN = 1e-3  # an initial h(V) stays this far on the stored code's side of 1/2
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -77,10 +85,74 @@ def ste_weight(latent: torch.Tensor, kds: torch.Tensor, layout: BlockLayout, bit
     return latent_codes(latent, scale, bits, ste=True) * scale
 
 
+def rounding_up(rounding: torch.Tensor) -> torch.Tensor:
+    """AdaRound's rectified sigmoid h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1): how
+    far each weight rounds up, from 0 (down) to 1 (up); it reaches 0 and 1 at finite V."""
+    return (torch.sigmoid(rounding) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+
+def learned_codes(rounding: torch.Tensor, base: torch.Tensor, bits: int, hard: bool = False) -> torch.Tensor:
+    """clamp(base + h(V), lo, hi) as floats; `hard` rounds h(V) to 0 or 1 (h >= 1/2 rounds up),
+    as freeze does."""
+    lo, hi = code_range(bits)
+    up = rounding_up(rounding)
+    return (base + (up >= 0.5).to(base.dtype) if hard else base + up).clamp(lo, hi)
+
+
+def learned_weight(rounding: torch.Tensor, base: torch.Tensor, kds: torch.Tensor, layout: BlockLayout,
+                   bits: int) -> torch.Tensor:
+    """alpha * clamp(base + h(V), lo, hi): the weight of a weights="learned" layer."""
+    return learned_codes(rounding, base, bits) * _scales(kds, layout, base.shape)
+
+
+def initial_rounding(reference: torch.Tensor, codes: torch.Tensor,
+                     scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, V) for weights="learned" from the float weight `reference`, the stored codes q and
+    each weight's scale: a weight chooses between base and base + 1, namely q and q's neighbour
+    on the side of reference / alpha (floor and ceil of reference / alpha where q is its nearest
+    code); h(V) starts at reference / alpha's position between the two (AdaRound's start), kept
+    on q's side of 1/2 so that rounding h(V) gives q back. Where alpha = 0, base = q."""
+    zero = scale == 0
+    ratio = torch.where(zero, codes, reference / torch.where(zero, torch.ones_like(scale), scale))
+    upper = ratio < codes  # q is the upper code of the two
+    base = codes - upper.to(codes.dtype)
+    offset = ratio - base
+    position = torch.where(upper, offset.clamp(0.5 + HALF_MARGIN, 1), offset.clamp(0, 0.5 - HALF_MARGIN))
+    return base, -torch.log((ZETA - GAMMA) / (position - GAMMA) - 1)
+
+
+def rounding_penalty(model: nn.Module, progress: float) -> torch.Tensor:
+    """AdaRound's regulariser mean(1 - |2 h(V) - 1|^beta) over every learned rounding of `model`
+    (0 once each h is 0 or 1), beta annealed from 20 at progress 0 to 2 at progress 1: it pushes
+    each h towards the nearer of 0 and 1, first only those already close to one."""
+    beta = BETA_START + (BETA_END - BETA_START) * progress
+    roundings = [m._parameters[ROUNDING] for _, m in _dsconv_layers(model) if ROUNDING in m._parameters]
+    if not roundings:
+        raise DsqError("the model has no learned roundings: make_trainable(model, weights='learned') first")
+    total = sum((1 - (2 * rounding_up(v) - 1).abs().pow(beta)).sum() for v in roundings)
+    return total / sum(v.numel() for v in roundings)
+
+
+def weight_parameter(layer: nn.Module) -> nn.Parameter | None:
+    """The parameter a trainable layer's integers come from: `latent` ("ste"), `rounding`
+    ("learned"), or None (the stored VQK)."""
+    return layer._parameters.get(LATENT, layer._parameters.get(ROUNDING))
+
+
+def trained_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight of an "ste" or "learned" layer, differentiable."""
+    bits = layer.weight_format.bits
+    if LATENT in layer._parameters:
+        return ste_weight(layer.latent, layer.kds, layer.layout, bits)
+    return learned_weight(layer.rounding, layer.rounding_base, layer.kds, layer.layout, bits)
+
+
 def trainable_mode(layer: nn.Module) -> str | None:
-    """"ste", "fixed", or None for a DSConv layer that is not trainable (frozen / inference)."""
+    """"ste", "fixed", "learned", or None for a DSConv layer that is not trainable (inference)."""
     if LATENT in layer._parameters:
         return "ste"
+    if ROUNDING in layer._parameters:
+        return "learned"
     return "fixed" if "kds" in layer._parameters else None
 
 
@@ -104,17 +176,22 @@ def _qualified(name: str, leaf: str) -> str:
     return f"{name}.{leaf}" if name else leaf
 
 
-def make_trainable(model: nn.Module, weights: str = "ste") -> dict[str, nn.Parameter]:
+def make_trainable(model: nn.Module, weights: str = "ste",
+                   reference: nn.Module | None = None) -> dict[str, nn.Parameter]:
     """Make every DSConv layer of `model` trainable, in place; returns the new parameters by
-    their qualified names ("<layer>.kds", "<layer>.latent"), in module order.
+    their qualified names ("<layer>.kds", "<layer>.latent", "<layer>.rounding"), in module order.
 
     weights="ste": each layer gets a float `latent` weight (initialised to alpha * q, so the
     output does not change) and computes alpha * clamp(round(latent / alpha)) with
     straight-through rounding; gradients reach `latent` and `kds`. weights="fixed": the VQK
-    integers stay, only `kds` learns. Either way the KDS becomes the float32 nn.Parameter
-    `kds` (the state_dict keeps its keys, plus `latent` for "ste"), BFP inputs pass gradients
-    straight through, and the model's other parameters (biases, BatchNorm) are left as they
-    are. Calling it again with the same `weights` changes nothing. `freeze` undoes it.
+    integers stay, only `kds` learns. weights="learned" (AdaRound): each weight learns to round
+    down or up, w = alpha * clamp(base + h(V), lo, hi) with a float parameter `rounding` (V) per
+    weight, started from the float weights of `reference` (the float model `model` was quantized
+    from, same layer names; see initial_rounding); the forward uses the relaxed h(V) in [0, 1],
+    so the output changes at once, and freeze rounds it. Every mode makes the KDS the float32
+    nn.Parameter `kds` (the state_dict keeps its keys, plus `latent` or `rounding`), BFP inputs
+    pass gradients straight through, and the model's other parameters (biases, BatchNorm) are
+    left as they are. Calling it again with the same `weights` changes nothing. `freeze` undoes it.
     """
     if weights not in WEIGHT_MODES:
         raise DsqError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
@@ -127,28 +204,54 @@ def make_trainable(model: nn.Module, weights: str = "ste") -> dict[str, nn.Param
         if mode not in (None, weights):
             raise DsqError(f"layer {name!r} is already trainable with weights={mode!r}: "
                            f"dsq.nn.freeze(model) before make_trainable(weights={weights!r})")
+    references = _reference_weights(layers, reference) if weights == "learned" else {}
     params = {}
     for name, m in layers:
         if trainable_mode(m) is None:
             kds = m._buffers.pop("kds").detach().float().clone()
+            scales = _scales(kds, m.layout, m.vqk.shape)
             if weights == "ste":
-                m.register_parameter(LATENT, nn.Parameter(m.vqk.float() * _scales(kds, m.layout, m.vqk.shape)))
+                m.register_parameter(LATENT, nn.Parameter(m.vqk.float() * scales))
+            elif weights == "learned":
+                base, rounding = initial_rounding(references[name], m.vqk.float(), scales)
+                m.register_buffer(ROUNDING_BASE, base, persistent=False)
+                m.register_parameter(ROUNDING, nn.Parameter(rounding))
             m.register_parameter("kds", nn.Parameter(kds))
             m._cache = None
-        params[_qualified(name, "kds")] = m.kds
-        if weights == "ste":
-            params[_qualified(name, LATENT)] = m.latent
+        for leaf in ("kds", LATENT, ROUNDING):
+            if leaf in m._parameters:
+                params[_qualified(name, leaf)] = m._parameters[leaf]
     return params
 
 
+def _reference_weights(layers: list[tuple[str, nn.Module]], reference: nn.Module | None) -> dict[str, torch.Tensor]:
+    """Each DSConv layer's float weight in `reference`, by layer name, float32 on the layer's device."""
+    if reference is None:
+        raise DsqError("weights='learned' starts from the float weights: pass the float model "
+                       "the DSConv model was quantized from (make_trainable(..., reference=float_model))")
+    weights = {}
+    for name, m in layers:
+        try:
+            weight = reference.get_submodule(name).weight
+        except AttributeError:
+            raise DsqError(f"the reference model has no layer {name!r} with a weight: pass the float model "
+                           "the DSConv model was quantized from") from None
+        if weight.numel() != m.vqk.numel():
+            raise DsqError(f"layer {name!r}: the reference weight has shape {tuple(weight.shape)}, "
+                           f"the DSConv layer {tuple(m.vqk.shape)}")
+        weights[name] = weight.detach().float().reshape(m.vqk.shape).to(m.vqk.device)
+    return weights
+
+
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """The model's parameters in three groups, e.g. for optimizer groups with their own rates:
-    "latent" (the STE latent weights), "kds" (the DSConv scales), "other" (biases, BatchNorm,
-    layers left float)."""
-    groups: dict[str, list[nn.Parameter]] = {LATENT: [], "kds": [], "other": []}
+    """The model's parameters in four groups, e.g. for optimizer groups with their own rates:
+    "latent" (the STE latent weights), "rounding" (the learned roundings), "kds" (the DSConv
+    scales), "other" (biases, BatchNorm, layers left float)."""
+    leaves = (LATENT, ROUNDING, "kds")
+    groups: dict[str, list[nn.Parameter]] = {leaf: [] for leaf in (*leaves, "other")}
     dsconv_params = {}
     for _, m in _dsconv_layers(model):
-        for leaf in (LATENT, "kds"):
+        for leaf in leaves:
             if leaf in m._parameters:
                 dsconv_params[id(m._parameters[leaf])] = leaf
     for p in model.parameters():
@@ -161,11 +264,12 @@ def freeze(model: nn.Module, scale_dtype: str | None = None) -> list[str]:
     """Turn every trainable DSConv layer of `model` back into an inference layer, in place;
     returns the names of the layers it froze.
 
-    The trained integers clamp(round(latent / alpha)) go into the int8 `vqk` buffer, `kds`
-    becomes a buffer holding the trained scales, `latent` is deleted. In eval mode the frozen
-    model computes what the trainable one did. `scale_dtype` ("float16" or "float32") rounds
-    the scales to the precision a saved file keeps (dsq.save refuses scales it would change);
-    None keeps them as trained (float32).
+    The trained integers go into the int8 `vqk` buffer: clamp(round(latent / alpha)) ("ste"),
+    clamp(base + 1{h(V) >= 1/2}) ("learned": each rounding decided); `kds` becomes a buffer
+    holding the trained scales, `latent` / `rounding` are deleted. In eval mode the frozen model
+    computes what the trainable one did ("learned": with every h(V) rounded to 0 or 1).
+    `scale_dtype` ("float16" or "float32") rounds the scales to the precision a saved file keeps
+    (dsq.save refuses scales it would change); None keeps them as trained (float32).
     """
     dtype = None
     if scale_dtype is not None:
@@ -185,11 +289,14 @@ def freeze(model: nn.Module, scale_dtype: str | None = None) -> list[str]:
             kds = stored.to(kds.dtype)
         scales[name] = (m, kds)
     for m, kds in scales.values():
-        kds_trained = m._parameters.pop("kds").detach()
-        latent = m._parameters.pop(LATENT, None)
-        if latent is not None:  # the codes of the scales trained with, as the forward computed them
-            codes = latent_codes(latent, _scales(kds_trained, m.layout, latent.shape), m.weight_format.bits)
+        if trainable_mode(m) == "ste":  # the codes of the scales trained with, as the forward computed them
+            codes = latent_codes(m.latent, _scales(m.kds, m.layout, m.vqk.shape), m.weight_format.bits)
             m.vqk.copy_(codes.to(torch.int8))
+        elif trainable_mode(m) == "learned":
+            m.vqk.copy_(learned_codes(m.rounding, m.rounding_base, m.weight_format.bits, hard=True).to(torch.int8))
+        for leaf in ("kds", LATENT, ROUNDING):
+            m._parameters.pop(leaf, None)
+        m._buffers.pop(ROUNDING_BASE, None)
         m.register_buffer("kds", kds)
         m._cache = None
     return list(scales)

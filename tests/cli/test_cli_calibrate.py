@@ -15,7 +15,8 @@ pytestmark = pytest.mark.realdata
 def calibrated_run(tmp_path_factory):
     need(RESNET20), need(CIFAR)
     folder = tmp_path_factory.mktemp("calibrated")
-    result = run_dsq("quantize", RESNET20, "--bits", 3, "--calib", CIFAR, "--calib-images", 40, "--adapt-steps", 4,
+    result = run_dsq("quantize", RESNET20, "--bits", 3, "--calib", CIFAR, "--calib-images", 40, "--refit-images", 24,
+                     "--adapt-steps", 4,
                      "--data", CIFAR, "--limit", 100, "-j", 0, "--json", folder / "run.json", "-o", folder / "m.dsq")
     assert result.exit_code == 0, result.output
     return result, json.loads((folder / "run.json").read_text()), folder
@@ -33,7 +34,7 @@ def test_the_table_and_json_show_output_sqnr_before_and_after(calibrated_run):
     rows = table_rows(result.stdout, "layer")
     assert list(rows) == RESNET20_CONVS + ["linear"]
     cal = j["quantization"]["calibration"]
-    assert cal["images"] == 40 and list(cal["stages"]) == ["refit", "adapt"] and cal["adapt"]["steps"] == 4
+    assert cal["images"] == 40 and cal["fit_images"] == 24 and list(cal["stages"]) == ["refit", "adapt"] and cal["adapt"]["steps"] == 4
     layers = [layer for layer in j["quantization"]["layers"] if layer["quantized"]]
     assert all(isinstance(layer["out_sqnr_before_db"], float) for layer in layers)
     assert sum(layer["out_sqnr_after_db"] for layer in layers) > sum(layer["out_sqnr_before_db"] for layer in layers)

@@ -188,6 +188,10 @@ def test_quantize_help_states_defaults():
         assert expected in text, expected
 
 
+def test_adapt_weights_help_names_every_mode_and_the_default():
+    assert re.search(r"--adapt-weights \[ste\|fixed\|learned\] [^[]*learned[^[]*\[default: fixed\]", _help("quantize"))
+
+
 def test_eval_help_states_defaults():
     text = _help("eval")
     assert text.startswith("Usage: dsq eval [OPTIONS] MODEL")

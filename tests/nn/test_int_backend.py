@@ -430,8 +430,15 @@ def test_zoo_models_layer_by_layer(name, path):
 
 @pytest.mark.parametrize("name", zoo.ZOO)
 def test_zoo_models_free_running(name):
+    """Bit for bit against exact; within 1e-5 of the float32 simulation on these inputs (the issue's
+    criterion; a drift like the one assert_network_is_exact describes would break it on others:
+    775 of the 10 000 CIFAR-10 test images, docs/integer-backend.md)."""
     qmodel, _ = dsq.quantize(zoo.build(name))
-    assert_network_is_exact(qmodel, torch.cat([zoo.example_input(name, seed=s) for s in range(3)]))
+    x = torch.cat([zoo.example_input(name, seed=s) for s in range(3)])
+    assert_network_is_exact(qmodel, x)
+    out, ref = (run(qmodel, x, backend) for backend in ("int", "simulate"))
+    out, ref = (t[0] if isinstance(t, (tuple, list)) else t for t in (out, ref))
+    assert max(rel_err(o, r) for o, r in zip(out, ref)) <= TOL
 
 
 def test_quantized_linear_and_other_blocks_in_a_model():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import dsq
 from dsq.formats import ActFormat, WeightFormat, bfp_quantize
 from dsq.nn import DSConv2d, DSLinear, freeze, is_trainable, make_trainable, parameter_groups, set_backend, to_dsconv
-from dsq.nn.train import latent_codes
+from dsq.nn.train import latent_codes, learned_codes, rounding_penalty, rounding_up
 import zoo
 
 MODES = ("ste", "fixed")
@@ -208,10 +208,11 @@ def test_freeze_refuses_scales_beyond_float16_and_changes_nothing(one_line_dsq_e
     assert freeze(model) == ["0", "1"] and not is_trainable(model)
 
 
+@pytest.mark.parametrize("mode", MODES + ("learned",))
 @pytest.mark.parametrize("backend", ["int", "exact"])
-def test_int_and_exact_backends_refuse_a_trainable_model(backend, one_line_dsq_error):
-    _, qmodel, _ = _quantized_c2f()
-    make_trainable(qmodel)
+def test_int_and_exact_backends_refuse_a_trainable_model(backend, mode, one_line_dsq_error):
+    model, qmodel, _ = _quantized_c2f()
+    make_trainable(qmodel, mode, reference=model)
     message = one_line_dsq_error(set_backend, qmodel, backend)
     assert "freeze" in message
     assert all(m.backend == "simulate" for m in qmodel.modules() if hasattr(m, "backend"))
@@ -333,3 +334,126 @@ def test_weight_is_cached_for_inference_and_differentiable_for_training():
 
 def test_no_dsconv_layers(one_line_dsq_error):
     assert "DSConv" in one_line_dsq_error(make_trainable, nn.Sequential(nn.Conv2d(3, 3, 1)))
+
+
+# ---- weights="learned": AdaRound ------------------------------------------------------------
+
+
+def _ratios(reference: nn.Module, model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each DSConv layer's float weight / alpha (its position on the integer grid)."""
+    float_layers = dict(reference.named_modules())
+    return {name: float_layers[name].weight.detach() / m.layout.expand_scales(m.kds.detach()).reshape(m.vqk.shape)
+            for name, m in dsq.artifact.dsconv_layers(model)}
+
+
+def _hard(model: nn.Module) -> nn.Module:
+    """A copy with every h(V) exactly 0 or 1, as freeze decides: its forward is the hard rounding."""
+    hard = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in hard.modules():
+            if "rounding" in m._parameters:
+                m.rounding.copy_(torch.where(rounding_up(m.rounding) >= 0.5, 10.0, -10.0))
+    return hard
+
+
+def test_learned_rounding_starts_at_the_stored_integers_and_the_float_weights(task):
+    x, _ = task
+    model, qmodel, _ = _quantized_c2f()
+    keys, codes, ratios = set(qmodel.state_dict()), {n: m.vqk.clone() for n, m in qmodel.named_modules()
+                                                      if hasattr(m, "vqk")}, _ratios(model, qmodel)
+    with torch.no_grad():
+        before = qmodel(x)
+    params = make_trainable(qmodel, "learned", reference=model)
+    assert {n.rsplit(".", 1)[1] for n in params} == {"kds", "rounding"}
+    assert set(qmodel.state_dict()) - keys == {n for n in params if n.endswith(".rounding")}
+    for name, m in dsq.artifact.dsconv_layers(qmodel):
+        assert torch.equal(learned_codes(m.rounding, m.rounding_base, 4, hard=True), codes[name].float())
+        soft, ratio = learned_codes(m.rounding.detach(), m.rounding_base, 4), ratios[name]
+        nearest = ((ratio - codes[name]).abs() < 0.499) & (ratio > -8) & (ratio < 7)
+        assert nearest.float().mean() > 0.8  # AdaRound's start: the relaxed code is the float weight / alpha
+        torch.testing.assert_close(soft[nearest], ratio[nearest], rtol=0, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(_hard(qmodel)(x), before)
+        assert not torch.equal(qmodel(x), before)  # the relaxed weights are the float ones
+    freeze(qmodel)
+    assert set(qmodel.state_dict()) == keys
+    assert all(torch.equal(m.vqk, codes[n]) for n, m in dsq.artifact.dsconv_layers(qmodel))
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), before)
+
+
+def test_learned_rounding_moves_codes_to_the_other_neighbour_only_and_freezes_hard(task, tmp_path,
+                                                                                  one_line_dsq_error):
+    x, y = task
+    model, qmodel, report = _quantized_c2f()
+    codes, ratios = {n: m.vqk.clone() for n, m in dsq.artifact.dsconv_layers(qmodel)}, _ratios(model, qmodel)
+    make_trainable(qmodel, "learned", reference=model)
+    _fit(qmodel.eval(), qmodel.parameters(), x, y, steps=20, lr=0.05)
+    with torch.no_grad():
+        hard = _hard(qmodel)(x)
+    assert "freeze" in one_line_dsq_error(dsq.save, tmp_path / "trainable.dsq", qmodel, report)
+    freeze(qmodel)
+    with torch.no_grad():
+        assert torch.equal(qmodel(x), hard)
+    changed = 0
+    for name, m in dsq.artifact.dsconv_layers(qmodel):
+        q, ratio = m.vqk.float(), ratios[name]
+        assert (q - codes[name]).abs().max() <= 1
+        nearest = (ratio - codes[name]).abs() <= 0.5  # q0 was round(ratio): q is its floor or ceil now
+        assert bool(((q == ratio.floor().clamp(-8, 7)) | (q == ratio.ceil().clamp(-8, 7)))[nearest].all())
+        changed += int((m.vqk != codes[name]).sum())
+    assert changed > 0
+
+
+def test_rounding_penalty_drives_every_h_to_0_or_1():
+    torch.manual_seed(11)
+    conv = nn.Conv2d(16, 8, 3, padding=1)
+    layer = to_dsconv(copy.deepcopy(conv), WeightFormat(bits=4, block=8), None)
+    x = torch.randn(8, 16, 6, 6, generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        target = conv(x)
+    make_trainable(layer, "learned", reference=conv)
+    settled = lambda: ((2 * rounding_up(layer.rounding.detach()) - 1).abs() > 0.9).float().mean().item()
+    assert settled() < 0.3
+    optimizer, steps = torch.optim.Adam([layer.rounding], lr=0.1), 100
+    for step in range(steps):
+        loss = F.mse_loss(layer(x), target) + 0.01 * rounding_penalty(layer, step / steps)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert settled() > 0.8  # measured: 0.13 -> 0.86
+
+
+@pytest.mark.parametrize("name", list(_layers()))
+def test_every_layout_learns_its_rounding(name):
+    layer = _layers()[name]
+    reference = nn.Module()
+    reference.weight = nn.Parameter(layer.weight.detach() * (1 + 0.1 * torch.randn(layer.weight.shape)))
+    shape = (3, layer.in_features) if isinstance(layer, nn.Linear) else (3, layer.in_channels, 7, 7)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(8))
+    vqk = layer.vqk.clone()
+    make_trainable(layer, "learned", reference=reference)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (layer(x).square().mean() + rounding_penalty(layer, 0.5)).backward()
+        assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
+        assert layer.rounding.grad.abs().sum() > 0
+        optimizer.step()
+    with torch.no_grad():
+        hard = _hard(layer).eval()(x)
+    freeze(layer.eval())
+    with torch.no_grad():
+        assert torch.equal(layer(x), hard)
+    assert (layer.vqk.int() - vqk.int()).abs().max() <= 1
+
+
+def test_learned_needs_the_float_model(one_line_dsq_error):
+    model, qmodel, _ = _quantized_c2f()
+    assert "reference" in one_line_dsq_error(make_trainable, qmodel, "learned")
+    assert "no layer" in one_line_dsq_error(make_trainable, qmodel, "learned", reference=nn.Conv2d(C, C, 1))
+    assert not is_trainable(qmodel)
+    make_trainable(qmodel, "learned", reference=model)
+    groups = parameter_groups(qmodel)
+    assert len(groups["rounding"]) == len(groups["kds"]) == 4 and not groups["latent"]
+    assert "learned" in one_line_dsq_error(rounding_penalty, _quantized_c2f()[1], 0.0)
