@@ -335,7 +335,7 @@ class FileSizes:
 
 
 def act_label(act_format: dict | None) -> str:
-    return f"bfp{act_format['bits']}/{act_format['block']}" if act_format else "float"
+    return ActFormat(**act_format).label if act_format else "float"
 
 
 def _tensor_bytes(path, header: dict, header_size: int) -> dict[str, int]:

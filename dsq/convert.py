@@ -254,7 +254,7 @@ def _round_scales(name: str, module: nn.Module, dtype: torch.dtype) -> None:
 def _fill_quantized(row, module, w, fmt, act, scale_dtype, image_input) -> None:
     row.quantized = True
     row.bits, row.block, row.layout = fmt.bits, fmt.block, module.layout.kind
-    row.act = f"bfp{act.bits}/{act.block}" if act else ("float (image input)" if image_input else "float")
+    row.act = act.label if act else ("float (image input)" if image_input else "float")
     n_scales = module.kds.numel()
     row.packed_bytes = packed_weight_bytes(row.params, n_scales, fmt.bits, scale_dtype)
     row.bits_per_weight = fmt.bits + scale_bits(scale_dtype) * n_scales / row.params

@@ -4,9 +4,10 @@
     images = load_images(calibration_files("calib/"), preset.transform())
     calibration = dsq.calibrate(model, qmodel, report, images)
 
-Stages, in order (each optional, see `calibrate`): refit every layer's VQK and KDS to its
-inputs, layer by layer (`sequential`); correct each layer's output mean (bias); re-estimate
-BatchNorm statistics; distillation from the float network (`adapt`). The report gains each
+Stages, in order (each optional, see `calibrate`): choose each layer's activation mantissa
+bits and block within its bits per activation (`act_search`); refit every layer's VQK and KDS
+to its inputs, layer by layer (`sequential`); correct each layer's output mean (bias);
+re-estimate BatchNorm statistics; distillation from the float network (`adapt`). The report gains each
 layer's output SQNR before and after, the images used and the time of every stage.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..convert import QuantReport, scale_torch_dtype, weight_error
 from ..errors import DsqError
 from ..evaluate import spread_indices
 from ..nn import is_dsconv
+from .act_search import search_act_formats
 from .adapt import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, AdaptResult, adapt
 from .batchnorm import reestimate_batchnorm
 from .images import DEFAULT_CALIB_IMAGES, calibration_files, load_images
@@ -54,13 +56,16 @@ class CalibrationReport:
 
 
 def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, images: torch.Tensor, *,
-              refit: bool = True, bias: bool = False, batchnorm: bool = False, adapt_steps: int = DEFAULT_STEPS,
-              adapt_seconds: float | None = None, adapt_weights: str = "fixed", adapt_lr: float = DEFAULT_LR,
-              batch_size: int = DEFAULT_BATCH, fit_images: int = DEFAULT_FIT_IMAGES, seed: int = 0,
-              source: str | None = None, progress: bool = False) -> CalibrationReport:
+              act_search: bool = False, refit: bool = True, bias: bool = False, batchnorm: bool = False,
+              adapt_steps: int = DEFAULT_STEPS, adapt_seconds: float | None = None, adapt_weights: str = "fixed",
+              adapt_lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH, fit_images: int = DEFAULT_FIT_IMAGES,
+              seed: int = 0, source: str | None = None, progress: bool = False) -> CalibrationReport:
     """Improve `qmodel` (from dsq.quantize(float_model)) in place with the unlabelled `images`
     (N, C, H, W, preprocessed as for the model); update `report`'s layers and return what was done.
 
+    act_search: give each layer with a BFP input the mantissa bits and block size, at no more
+    bits per activation than it has, that keep its output closest to its output on the unrounded
+    input (docs/activation-search.md); runs before the refit, which then fits to those inputs.
     refit: data-aware VQK and KDS (minimising each layer's output error on its calibration
     inputs). bias: match each layer's mean output to the float network's. batchnorm:
     re-estimate BatchNorm statistics. adapt_steps > 0: distillation from `float_model`
@@ -78,6 +83,10 @@ def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, im
     scale_dtype = report.settings.get("scale_dtype", "float32")
     with torch.no_grad():
         result.sqnr_before = output_sqnr(float_model, qmodel, list(layers), probe)
+    if act_search:
+        started = time.perf_counter()
+        search_act_formats(qmodel, layers, probe)
+        result.stages["act_search"] = time.perf_counter() - started
     if refit or bias:
         started = time.perf_counter()
         refit_layers(float_model, qmodel, layers, probe, fit_scales=refit, bias=bias,
@@ -102,7 +111,8 @@ def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, im
 
 def _update_report(report: QuantReport, float_model: nn.Module, layers: dict[str, nn.Module],
                    result: CalibrationReport) -> None:
-    """New weight errors, output SQNRs and the bytes of added biases in the per-layer rows."""
+    """New weight errors, output SQNRs, activation settings and the bytes of added biases in the
+    per-layer rows."""
     float_layers = dict(float_model.named_modules())
     for row in report.layers:
         if row.name not in layers:
@@ -111,6 +121,8 @@ def _update_report(report: QuantReport, float_model: nn.Module, layers: dict[str
         row.sqnr_db, row.rel_error = weight_error(float_layers[row.name].weight.detach(), layer.weight.detach())
         row.out_sqnr_before_db = result.sqnr_before[row.name]
         row.out_sqnr_after_db = result.sqnr_after[row.name]
+        if layer.act_format is not None:
+            row.act = layer.act_format.label
         if float_layers[row.name].bias is None and layer.bias is not None:
             report.model_quantized_bytes += layer.bias.numel() * layer.bias.element_size()
     report.calibration = result.to_dict()

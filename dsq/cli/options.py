@@ -135,6 +135,10 @@ calib_options = stack(
                       "Images it shares with --data are left out of the evaluation."),
     click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
                  help="How many calibration images, taken in turn from the sub-folders of --calib."),
+    click.option("--act-search/--no-act-search", default=False, show_default=True,
+                 help="Give each layer the BFP mantissa bits and block size (at most --act-bits bits and "
+                      "--act-block's bits per activation, exponents included) that keep its output closest on the "
+                      "calibration images; before the refit."),
     click.option("--refit/--no-refit", default=True, show_default=True,
                  help="Refit each layer's integers and scales to its output on the calibration images."),
     click.option("--refit-images", type=click.IntRange(min=1), default=DEFAULT_FIT_IMAGES, show_default=True,
@@ -160,9 +164,9 @@ def calib_kwargs(o: dict) -> dict | None:
     """The `dsq.calibrate` arguments from the parsed calibration options (None without --calib)."""
     if not o["calib"]:
         return None
-    return dict(refit=o["refit"], bias=o["bias_correction"], batchnorm=o["bn_reestimate"],
-                adapt_steps=o["adapt_steps"], adapt_seconds=o["adapt_time"], adapt_weights=o["adapt_weights"],
-                fit_images=o["refit_images"], seed=o["seed"])
+    return dict(act_search=o["act_search"], refit=o["refit"], bias=o["bias_correction"],
+                batchnorm=o["bn_reestimate"], adapt_steps=o["adapt_steps"], adapt_seconds=o["adapt_time"],
+                adapt_weights=o["adapt_weights"], fit_images=o["refit_images"], seed=o["seed"])
 
 
 def data_options(required: bool):

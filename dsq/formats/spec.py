@@ -64,3 +64,8 @@ class ActFormat:
     def __post_init__(self):
         check_bits(self.bits, "activation mantissa bits")
         check_block(self.block, "activation block size")
+
+    @property
+    def label(self) -> str:
+        """'bfp<bits>/<block>', as the per-layer tables name it."""
+        return f"bfp{self.bits}/{self.block}"

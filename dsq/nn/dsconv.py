@@ -86,7 +86,7 @@ class DSConvMixin:
 
     def extra_repr(self) -> str:
         fmt, act = self.weight_format, self.act_format
-        act_txt = f"bfp{act.bits}/{act.block}" if act else "float"
+        act_txt = act.label if act else "float"
         return (
             f"{super().extra_repr()}, bits={fmt.bits}, block={fmt.block}, "
             f"layout={self.layout.kind}, method={fmt.method}, act={act_txt}"

@@ -192,6 +192,10 @@ def test_adapt_weights_help_names_every_mode_and_the_default():
     assert re.search(r"--adapt-weights \[ste\|fixed\|learned\] [^[]*learned[^[]*\[default: fixed\]", _help("quantize"))
 
 
+def test_act_search_help_says_it_is_off_by_default():
+    assert re.search(r"--act-search / --no-act-search [^[]*\[default: no-act-search\]", _help("quantize"))
+
+
 def test_eval_help_states_defaults():
     text = _help("eval")
     assert text.startswith("Usage: dsq eval [OPTIONS] MODEL")
