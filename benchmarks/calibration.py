@@ -22,7 +22,7 @@ import torch
 
 import dsq
 from common import print_table
-from dsq.calibration import calibrate, calibration_files, load_images
+from dsq.calibration import calibrate, calibration_set, load_images
 from dsq.data import get_preset, open_dataset
 from dsq.evaluate import evaluate
 from dsq.models import load_model
@@ -56,9 +56,8 @@ def quantize_variants(model, images, bits, quant_options, variants, adapt_steps)
 def resnet20(args) -> list[dict]:
     loaded = load_model(DATA / "cifar10-resnet" / "resnet20-12fca82f.th")
     transform = get_preset(loaded.preset).transform()
-    files = calibration_files(DATA / "cifar10-test", 10 * args.per_class)
-    images = load_images(files, transform)
-    dataset = open_dataset(DATA / "cifar10-test", transform).without(files, "calibration images")
+    images, dataset = calibration_set(DATA / "cifar10-test", 10 * args.per_class, transform,
+                                      open_dataset(DATA / "cifar10-test", transform))
     rows = []
     for bits in args.bits:
         models, facts = quantize_variants(loaded.model, images, bits, quant_options(args), args.variants,

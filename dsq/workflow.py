@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from .calibration import DEFAULT_CALIB_IMAGES, calibrate, calibration_files, load_images
+from .calibration import DEFAULT_CALIB_IMAGES, calibrate, calibration_set
 from .convert import QuantReport, quantize
 from .data import check_labels
 from .evaluate import Accuracy, evaluate
@@ -62,14 +62,12 @@ def quantize_and_evaluate(loaded: LoadedModel, dataset=None, *, eval_options: di
     calibrate it on `calib_images` of them (`dsq.calibrate` with `calib_options`); with a
     dataset, evaluate float and quantized on the same images, those used to calibrate left out."""
     started = time.perf_counter()
-    files = calibration_files(calib, calib_images) if calib is not None else None  # a bad folder fails first
+    if calib is not None:  # before quantizing: a bad folder fails first
+        images, dataset = calibration_set(calib, calib_images, transform, dataset, progress=progress)
     qmodel, report = quantize(loaded.model, progress=progress, **quant_options)
     run = QuantizeRun(loaded, qmodel, report)
-    if files is not None:
-        images = load_images(files, transform, progress=progress)
+    if calib is not None:
         calibrate(loaded.model, qmodel, report, images, source=str(calib), progress=progress, **(calib_options or {}))
-        if dataset is not None:
-            dataset = dataset.without(files, "calibration images")
     if dataset is not None:
         check_labels(dataset, loaded.num_classes)
         run.accuracy = evaluate({"float": loaded.model, "quantized": qmodel}, dataset,

@@ -25,12 +25,12 @@ from ..nn import is_dsconv
 from .act_search import search_act_formats
 from .adapt import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, AdaptResult, adapt
 from .batchnorm import reestimate_batchnorm
-from .images import DEFAULT_CALIB_IMAGES, calibration_files, load_images
+from .images import DEFAULT_CALIB_IMAGES, calibration_files, calibration_set, load_images
 from .sequential import DEFAULT_FIT_IMAGES, refit_layers
 from .sqnr import output_sqnr
 
 __all__ = ["CalibrationReport", "DEFAULT_CALIB_IMAGES", "DEFAULT_FIT_IMAGES", "DEFAULT_STEPS", "calibrate",
-           "calibration_files", "load_images"]
+           "calibration_files", "calibration_set", "load_images"]
 
 
 @dataclass

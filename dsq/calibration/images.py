@@ -43,3 +43,12 @@ def load_images(paths: list[str], transform: Callable, *, workers: int = 0, prog
     batches = [x for x, _ in tqdm(_batches(loader), total=len(loader), desc="calibration images", unit="batch",
                                   disable=not progress)]
     return torch.cat(batches)
+
+
+def calibration_set(folder: str | os.PathLike, count: int, transform: Callable, dataset: LabelledImages | None = None,
+                    *, progress: bool = False) -> tuple[torch.Tensor, LabelledImages | None]:
+    """`count` calibration images of `folder` (`calibration_files`) as one tensor, and `dataset`
+    without them (None stays None): calibration never sees the images it is judged on."""
+    files = calibration_files(folder, count)
+    images = load_images(files, transform, progress=progress)
+    return images, None if dataset is None else dataset.without(files, "calibration images")

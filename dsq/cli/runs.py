@@ -6,7 +6,7 @@ import click
 from ..data import check_labels
 from ..errors import DsqError
 from ..models import load_model
-from ..calibration import calibration_files, load_images
+from ..calibration import calibration_set
 from .options import calib_kwargs, dataset_from, preset_from, stack
 
 
@@ -32,11 +32,10 @@ def load_model_and_data(o: dict):
     dataset = dataset_from(o, preset)
     calibration, calib_settings = None, None
     if o.get("calib"):
-        files = calibration_files(o["calib"], o["calib_images"])
-        images = load_images(files, preset.transform(), progress=not o["quiet"])
+        images, dataset = calibration_set(o["calib"], o["calib_images"], preset.transform(), dataset,
+                                          progress=not o["quiet"])
         calibration = (images, {**calib_kwargs(o), "source": str(o["calib"])})
-        calib_settings = {"folder": str(o["calib"]), "images": len(files), **calib_kwargs(o)}
-        dataset = dataset.without(files, "calibration images")
+        calib_settings = {"folder": str(o["calib"]), "images": len(images), **calib_kwargs(o)}
     click.echo(f"data: {dataset.describe()}", err=True)
     check_labels(dataset, loaded.num_classes)
     settings = {"model": o["model"], "arch": loaded.arch, "data": dataset.describe(), "limit": o["limit"],

@@ -6,8 +6,8 @@ import click
 from .. import report
 from ..formats.spec import MAX_BITS, MIN_BITS
 from ..sweep import Sweep
-from .options import IntList, calib_options, data_options, eval_kwargs, model_options, pass_options, quant_kwargs, quiet_option, \
-    recipe_options
+from .options import (IntList, calib_options, data_options, eval_kwargs, model_options, pass_options, quant_kwargs,
+                      quiet_option, recipe_options)
 from .runs import announce, finish, load_model_and_data, run_options
 
 
