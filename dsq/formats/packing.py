@@ -9,6 +9,8 @@ the zero padding of ragged blocks left out: each block's codes sit together.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import DsqError
@@ -32,13 +34,24 @@ def _positions(bits: int) -> list[tuple[int, int]]:
     return [divmod(j * bits, 8) for j in range(8)]
 
 
+def _checked_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """`codes` flat as int16; DsqError unless every one is a whole number in the b-bit range
+    (checked before any conversion, which would wrap or truncate)."""
+    lo, hi = code_range(bits)
+    codes = codes.detach().reshape(-1)
+    fractional = codes.is_floating_point() and not bool((codes == codes.round()).all())  # NaN too
+    if codes.dtype == torch.bool or codes.is_complex() or fractional:
+        raise DsqError("codes to pack must be whole numbers (integers, or floats without a fraction), "
+                       f"got {str(codes.dtype).removeprefix('torch.')} values that are not")
+    if codes.numel() and (codes.min().item() < lo or codes.max().item() > hi):
+        raise DsqError(f"codes outside the {bits}-bit range [{lo}, {hi}] cannot be packed")
+    return codes.to(torch.int16)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Flat uint8 tensor of ceil(n*b/8) bytes holding the n codes of `codes` (any shape)."""
     check_bits(bits)
-    codes = codes.detach().reshape(-1).to(torch.int16)
-    lo, hi = code_range(bits)
-    if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
-        raise DsqError(f"codes outside the {bits}-bit range [{lo}, {hi}] cannot be packed")
+    codes = _checked_codes(codes, bits)
     groups = _pad(codes & ((1 << bits) - 1), 8).reshape(-1, 8).t()  # row j: code j of every group
     out = groups.new_zeros(bits + 1, groups.shape[1])  # row k: byte k; row `bits` takes an always-zero spill
     for j, (k, shift) in enumerate(_positions(bits)):
@@ -50,6 +63,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The first `count` codes (flat int8) of a `pack`ed uint8 tensor."""
     check_bits(bits)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise DsqError(f"the number of codes to unpack must be a whole number >= 0, got {count!r}")
     need = packed_size(count, bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
         raise DsqError(f"packed {bits}-bit codes need {need} uint8 bytes for {count} codes, "
@@ -74,7 +89,7 @@ def unpack_weight(packed: torch.Tensor, layout: BlockLayout, bits: int) -> torch
     their rounding, by the weight's strides, and a reload must compute exactly what the quantized
     model computed.
     """
+    codes = unpack(packed, bits, math.prod(layout.shape))  # checks the byte count before any allocation
     mask = layout.valid_mask()
-    codes = unpack(packed, bits, int(mask.sum()))
     slices = torch.zeros(mask.shape, dtype=torch.int8).masked_scatter_(mask, codes)
     return layout.from_slices(slices).clone(memory_format=torch.contiguous_format)

@@ -5,8 +5,11 @@ import math
 from dataclasses import dataclass
 
 from ..errors import DsqError
-from .blocks import LAYOUTS
 
+CHANNEL = "channel"  # blocks along the input channels at each (out channel, tap)
+FLAT = "flat"  # blocks along the flattened (in channels x taps) axis of each out channel
+AUTO = "auto"  # flat for grouped/depthwise convs with fewer input channels per group than the block
+LAYOUTS = (AUTO, CHANNEL, FLAT)
 METHODS = ("l2", "kl")
 MIN_BITS, MAX_BITS = 2, 8
 # Refinement rounds after the paper's one-pass L2 fit. Chosen by measurement (README,
@@ -16,18 +19,44 @@ DEFAULT_ROUNDS = 5
 # Weight of the slice-sum error in the L2 scale fit (formats.weights.sum_aware_scale): mu^2/s^2
 # of a rectified standard Gaussian, the input a conv sees after BN + ReLU: 1 / (pi - 1).
 DEFAULT_SUM_WEIGHT = round(1 / (math.pi - 1), 3)
+# Beyond it the slice sum alone decides alpha (= sum(w) / sum(q)); the cap keeps the fit's float64
+# sums finite for any float32 weight.
+MAX_SUM_WEIGHT = 1e6
+
+
+def _is_whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_bits(bits: int, what: str = "weight bits") -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if not _is_whole(bits) or not MIN_BITS <= bits <= MAX_BITS:
         raise DsqError(f"{what} must be a whole number from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
     return bits
 
 
 def check_block(block: int, what: str = "block size") -> int:
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+    if not _is_whole(block) or block < 1:
         raise DsqError(f"{what} must be a whole number of at least 1, got {block!r}")
     return block
+
+
+def check_rounds(rounds: int) -> int:
+    if not _is_whole(rounds) or rounds < 0:
+        raise DsqError(f"refinement rounds must be a whole number >= 0, got {rounds!r}")
+    return rounds
+
+
+def check_sum_weight(sum_weight: float) -> float:
+    if isinstance(sum_weight, bool) or not isinstance(sum_weight, (int, float)) \
+            or not 0 <= sum_weight <= MAX_SUM_WEIGHT:
+        raise DsqError(f"sum weight must be a number from 0 to {MAX_SUM_WEIGHT:g}, got {sum_weight!r}")
+    return sum_weight
+
+
+def check_layout(layout: str, allowed: tuple[str, ...] = LAYOUTS) -> str:
+    if not isinstance(layout, str) or layout not in allowed:
+        raise DsqError(f"unknown block layout {layout!r}: use one of {', '.join(allowed)}")
+    return layout
 
 
 @dataclass(frozen=True)
@@ -44,14 +73,11 @@ class WeightFormat:
     def __post_init__(self):
         check_bits(self.bits)
         check_block(self.block)
-        if self.method not in METHODS:
+        if not isinstance(self.method, str) or self.method not in METHODS:
             raise DsqError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise DsqError(f"refinement rounds must be a whole number >= 0, got {self.rounds!r}")
-        if self.layout not in LAYOUTS:
-            raise DsqError(f"unknown block layout {self.layout!r}: use one of {', '.join(LAYOUTS)}")
-        if not isinstance(self.sum_weight, (int, float)) or not 0 <= self.sum_weight < math.inf:
-            raise DsqError(f"sum weight must be a number >= 0, got {self.sum_weight!r}")
+        check_rounds(self.rounds)
+        check_layout(self.layout)
+        check_sum_weight(self.sum_weight)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,10 @@
 Every function here works on all slices at once: `w` is (n_slices, block), zero-padded
 where a block is ragged (padding has no magnitude, so it never moves the max, the dot
 products or the error; the KL fit masks it out of its softmax).
+
+The fits compute in float64, where no sum of squares of float32 weights overflows (near the
+float32 max) or underflows (denormal weights), and return `w`'s dtype, each scale limited so
+that alpha * q stays finite in it (`scale_limit`).
 """
 from __future__ import annotations
 
@@ -10,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import DsqError
 from .blocks import BlockLayout, resolve_layout
-from .spec import WeightFormat
+from .spec import WeightFormat, check_bits, check_rounds, check_sum_weight
 
 
 def code_range(bits: int) -> tuple[int, int]:
@@ -28,8 +33,10 @@ def initial_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def sum_aware_scale(w: torch.Tensor, q: torch.Tensor, sum_weight: float,
-                    w_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """alpha minimising ||w - alpha q||^2 + sum_weight * (sum(w) - alpha sum(q))^2, and its L2 error.
+                    w_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+                    limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha minimising ||w - alpha q||^2 + sum_weight * (sum(w) - alpha sum(q))^2, and its L2 error;
+    |alpha| at most `limit` when given (`scale_limit`).
 
     The second term is the systematic output shift that a slice's error causes on inputs
     with a common mean: for inputs of mean mu and variance s^2 the expected squared output
@@ -39,6 +46,8 @@ def sum_aware_scale(w: torch.Tensor, q: torch.Tensor, sum_weight: float,
     ww, sw = w_stats if w_stats is not None else slice_stats(w)
     den = qq + sum_weight * sq * sq
     alpha = torch.where(den > 0, (wq + sum_weight * sw * sq) / den.clamp_min(1e-30), torch.zeros_like(den))
+    if limit is not None:
+        alpha = alpha.clamp(-limit, limit)
     return alpha, ww - 2 * alpha * wq + alpha * alpha * qq
 
 
@@ -54,23 +63,49 @@ def slice_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w * w).sum(dim=1), w.sum(dim=1)
 
 
+def scale_limit(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Per slice, the largest |alpha| (a `dtype` number, as float64) for which alpha * q is finite in `dtype`.
+
+    The squared error is convex in alpha, so the best scale within the limit is the clamped one.
+    """
+    peak = q.abs().amax(dim=1).clamp_min(1).double()
+    limit = (torch.finfo(dtype).max / peak).to(dtype)
+    return torch.nextafter(limit, torch.zeros_like(limit)).double()  # rounding to dtype may have gone up
+
+
 def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0, sum_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's closed-form fit, then `rounds` refinements that keep a slice's best.
+    """The paper's closed-form fit, then up to `rounds` refinements that keep a slice's best.
 
     With `sum_weight` > 0 each alpha also weighs the slice-sum error (`sum_aware_scale`);
-    a refinement is kept where it lowers the slice's squared weight error.
+    a refinement is kept where it lowers the slice's squared weight error. Refinement stops
+    early once no slice improves: every later round would repeat that one.
     """
-    q = initial_codes(w, bits)
-    stats = slice_stats(w)
-    alpha, err = sum_aware_scale(w, q, sum_weight, stats)
+    check_bits(bits)
+    check_rounds(rounds)
+    check_sum_weight(sum_weight)
+    wd = w.double()
+    q = initial_codes(wd, bits)
+    stats = slice_stats(wd)
+    alpha, err = sum_aware_scale(wd, q, sum_weight, stats, scale_limit(q, w.dtype))
     for _ in range(rounds):
-        q_new = codes_for_scale(w, alpha, bits)
-        alpha_new, err_new = sum_aware_scale(w, q_new, sum_weight, stats)
+        q_new = codes_for_scale(wd, alpha, bits)
+        alpha_new, err_new = sum_aware_scale(wd, q_new, sum_weight, stats, scale_limit(q_new, w.dtype))
         better = err_new < err
+        if not bool(better.any()):
+            break
         q = torch.where(better[:, None], q_new, q)
         alpha = torch.where(better, alpha_new, alpha)
         err = torch.where(better, err_new, err)
-    return q, alpha
+    return q.to(w.dtype), alpha.to(w.dtype)
+
+
+def _softmax_mean_shift(logits: torch.Tensor, centred_q: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """E[q] - mean(q) under softmax(logits) over the valid entries of each row, accurate however
+    flat the softmax: with d = expm1(logits - max), softmax = (1 + d) / sum(1 + d), and as the
+    centred codes sum to 0 the shift is sum(d * centred_q) / sum(1 + d)."""
+    logits = logits.masked_fill(~valid, float("-inf"))
+    d = torch.expm1(logits - logits.amax(dim=1, keepdim=True)).masked_fill_(~valid, 0)
+    return (d * centred_q).sum(dim=1) / (valid.sum(dim=1) + d.sum(dim=1))
 
 
 def fit_kl(
@@ -81,28 +116,27 @@ def fit_kl(
     The objective is convex in alpha: its derivative is E_r[q] - E_p[q] and its second
     derivative Var_r[q] >= 0 (r = softmax(alpha * q), p = softmax(w)). Newton steps from the
     L2 scale, each limited to half of |alpha|, solve every slice at once in a few rounds.
+    `mask` (True: a real weight) leaves the padding of ragged slices out of both softmaxes.
     """
+    check_bits(bits)
+    dtype, w = w.dtype, w.double()
+    valid = torch.ones_like(w, dtype=torch.bool) if mask is None else mask
     q = initial_codes(w, bits)
-    alpha0, _ = sum_aware_scale(w, q, 0.0)
-    neg_inf = torch.tensor(float("-inf"), dtype=w.dtype)
-    if mask is not None:
-        w = torch.where(mask, w, neg_inf)
-    mean_p = (torch.softmax(w, dim=1) * q).sum(dim=1)
-    alpha = alpha0.clone()
+    alpha, _ = sum_aware_scale(w, q, 0.0)
+    centred_q = (q - (q * valid).sum(dim=1, keepdim=True) / valid.sum(dim=1, keepdim=True).clamp_min(1)) * valid
+    target = _softmax_mean_shift(w, centred_q, valid)
     for _ in range(iters):
         logits = alpha[:, None] * q
-        if mask is not None:
-            logits = torch.where(mask, logits, neg_inf)
-        r = torch.softmax(logits, dim=1)
-        mean_r = (r * q).sum(dim=1)
-        var_r = (r * (q - mean_r[:, None]) ** 2).sum(dim=1)
-        limit = 0.5 * alpha.abs() + 1e-12
-        step = ((mean_r - mean_p) / var_r.clamp_min(1e-30)).clamp(-limit, limit)
-        step = torch.where(var_r > 0, step, torch.zeros_like(step))
+        r = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=1)
+        var_r = (r * (q - (r * q).sum(dim=1, keepdim=True)).square()).sum(dim=1)
+        gap = _softmax_mean_shift(logits, centred_q, valid) - target  # E_r[q] - E_p[q]
+        max_step = 0.5 * alpha.abs()
+        step = torch.where(var_r > 0, gap / var_r.clamp_min(1e-30), torch.zeros_like(gap)).clamp(-max_step, max_step)
         alpha = alpha - step
         if bool((step.abs() <= tol * alpha.abs()).all()):
             break
-    return q, alpha
+    limit = scale_limit(q, dtype)
+    return q.to(dtype), alpha.clamp(-limit, limit).to(dtype)
 
 
 @dataclass
@@ -122,9 +156,20 @@ def dequantize(vqk: torch.Tensor, kds: torch.Tensor, layout: BlockLayout) -> tor
     return vqk.to(kds.dtype) * layout.expand_scales(kds).reshape(vqk.shape)
 
 
+def _float32_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The weight as finite float32 numbers; DsqError for any other dtype, rank or value."""
+    if not weight.is_floating_point() or weight.dim() not in (2, 4):
+        raise DsqError(f"only a floating-point 2-D (linear) or 4-D (conv) weight can be quantized, got "
+                       f"{str(weight.dtype).removeprefix('torch.')} of shape {tuple(weight.shape)}")
+    w = weight.detach().float()
+    if not bool(torch.isfinite(w).all()):
+        raise DsqError("the weight holds NaN, infinite or beyond-float32 values: quantize a model with finite weights")
+    return w
+
+
 def quantize_weight(weight: torch.Tensor, fmt: WeightFormat, groups: int = 1) -> QuantizedWeight:
     """Fit VQK and KDS to a conv weight (O, I/groups, kh, kw) or a linear weight (O, I)."""
-    w4 = weight.detach().float()
+    w4 = _float32_weight(weight)
     if w4.dim() == 2:
         w4 = w4[:, :, None, None]
     kind = resolve_layout(fmt.layout, w4.shape[1], fmt.block, groups)

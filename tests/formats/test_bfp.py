@@ -80,7 +80,7 @@ def test_encode_mantissas_and_steps(c, block, bits):
     mant, step = bfp_encode(x, fmt)
     nb = -(-c // block)
     assert mant.dtype == torch.int8
-    assert mant.shape == (2, nb, block, 3, 4)
+    assert mant.shape == (2, nb, min(block, c), 3, 4)  # a block longer than the channels is the channels
     assert step.shape == (2, nb, 1, 3, 4)  # one exponent per (n, block, h, w)
     lim = 2 ** (bits - 1) - 1
     assert int(mant.min()) >= -lim and int(mant.max()) <= lim
@@ -146,3 +146,37 @@ def test_works_on_float64():
     out = bfp_quantize(x, ActFormat(bits=8, block=32))
     assert out.dtype == torch.float64
     assert torch.equal(out, ref_bfp(x, 8, 32))
+
+
+# --------------------------------------------------------------------------- hostile values and arguments
+SMALLEST_SUBNORMAL = 2.0 ** -149
+
+
+@pytest.mark.parametrize("bits", [5, 8])
+@pytest.mark.parametrize("peak", [SMALLEST_SUBNORMAL, 3 * SMALLEST_SUBNORMAL])
+def test_denormal_blocks_keep_their_values_without_nan(bits, peak):
+    """s = 2^(e - (m - 2)) underflowed to 0 in float32 and 0 / 0 gave NaN; a step raised to 2^-149
+    (a divisor of every float32) keeps each value the spec keeps, exactly."""
+    x = torch.zeros(1, 4, 1, 2)
+    x[0, 0, 0, 0], x[0, 2, 0, 0], x[0, 1, 0, 1] = peak, -peak / 2, -peak
+    out = bfp_quantize(x, ActFormat(bits=bits, block=4))
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, ref_bfp(x, bits, 4))
+    mant, step = bfp_encode(x, ActFormat(bits=bits, block=4))
+    assert torch.all(step >= SMALLEST_SUBNORMAL)
+    assert torch.equal(unblocked(mant.float() * step, 1, 4), out)
+
+
+def test_a_huge_block_is_one_block_of_the_channels():
+    """bfp_encode padded every block to its full size: a block of 10**9 tried to allocate gigabytes."""
+    x = torch.randn(2, 5, 3, 3)
+    mant, step = bfp_encode(x, ActFormat(bits=8, block=10 ** 9))
+    assert mant.shape == (2, 1, 5, 3, 3) and step.shape == (2, 1, 1, 3, 3)
+    assert torch.equal(bfp_quantize(x, ActFormat(bits=8, block=10 ** 9)), bfp_quantize(x, ActFormat(bits=8, block=5)))
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool])
+def test_bfp_refuses_non_float_activations(dtype, one_line_dsq_error):
+    x = torch.ones(1, 4, 2, 2, dtype=dtype)
+    one_line_dsq_error(bfp_quantize, x, ActFormat())
+    one_line_dsq_error(bfp_encode, x, ActFormat())

@@ -35,7 +35,9 @@ def test_to_slices_matches_naive_loop(kind, o, i, kh, kw, block):
     assert layout.n_slices == len(ref)
     rows = layout.to_slices(w)
     mask = layout.valid_mask()
-    assert rows.shape == (len(ref), block) and mask.shape == (len(ref), block) and mask.dtype == torch.bool
+    width = min(block, i if kind == CHANNEL else i * kh * kw)  # a block longer than the axis is the axis
+    assert layout.width == width
+    assert rows.shape == (len(ref), width) and mask.shape == (len(ref), width) and mask.dtype == torch.bool
     for r, (_, s) in enumerate(ref):
         n = s.numel()
         assert torch.equal(rows[r, :n], s), f"slice {r}"
@@ -53,7 +55,7 @@ def test_from_slices_inverts_to_slices(kind, o, i, kh, kw, block):
     assert torch.equal(layout.from_slices(layout.to_slices(w)), w)
     # and from naive rows: put slice r's values at its place, expect the weight back
     ref = ref_slices(w, kind, block)
-    rows = torch.zeros(len(ref), block)
+    rows = torch.zeros(len(ref), layout.width)
     for r, (_, s) in enumerate(ref):
         rows[r, : s.numel()] = s
     assert torch.equal(layout.from_slices(rows), w)
@@ -118,10 +120,44 @@ def test_blocked_unblocked_round_trip(dim, block):
     length = x.shape[dim]
     b = blocked(x, dim, block)
     d = dim % x.dim()
-    nb = -(-length // block)
-    assert b.shape[d] == nb and b.shape[d + 1] == block
+    nb, width = -(-length // block), min(block, length)  # a block longer than the axis is the axis
+    assert b.shape[d] == nb and b.shape[d + 1] == width
     # padding holds zeros, real values sit at index j * block + k
-    flat = b.movedim((d, d + 1), (-2, -1)).reshape(*[s for k, s in enumerate(x.shape) if k != d], nb * block)
+    flat = b.movedim((d, d + 1), (-2, -1)).reshape(*[s for k, s in enumerate(x.shape) if k != d], nb * width)
     assert torch.all(flat[..., length:] == 0)
     assert torch.equal(flat[..., :length], x.movedim(d, -1))
     assert torch.equal(unblocked(b, d, length), x)
+
+
+# --------------------------------------------------------------------------- hostile arguments
+@pytest.mark.parametrize("kind", [CHANNEL, FLAT])
+def test_a_huge_block_costs_no_memory_and_equals_the_axis(kind):
+    """A block of 10**9 used to pad every slice to 10**9 numbers (gigabytes for a small weight)."""
+    w = _weight((2, 5, 3, 3), seed=4)
+    huge = BlockLayout(kind, 10 ** 9, tuple(w.shape))
+    axis = BlockLayout(kind, huge.axis_length, tuple(w.shape))
+    assert huge.width == axis.width == huge.axis_length
+    assert huge.scale_shape == axis.scale_shape
+    assert torch.equal(huge.to_slices(w), axis.to_slices(w))
+    assert torch.equal(huge.valid_mask(), axis.valid_mask())
+    kds = torch.randn(huge.scale_shape)
+    assert torch.equal(huge.expand_scales(kds), axis.expand_scales(kds))
+    assert torch.equal(huge.from_slices(huge.to_slices(w)), w)
+
+
+@pytest.mark.parametrize("kind,block,shape", [
+    ("rows", 4, (1, 4, 1, 1)),  # main cut an unknown kind as flat
+    ("auto", 4, (1, 4, 1, 1)),  # auto is resolved before a layout is made
+    (CHANNEL, 0, (1, 4, 1, 1)),
+    (CHANNEL, 2.0, (1, 4, 1, 1)),
+    (CHANNEL, 4, (1, 4, 1)),
+    (CHANNEL, 4, (1, -4, 1, 1)),
+    (FLAT, 4, (1, 4.0, 1, 1)),
+])
+def test_block_layout_refuses_what_it_cannot_cut(kind, block, shape, one_line_dsq_error):
+    one_line_dsq_error(BlockLayout, kind, block, shape)
+
+
+@pytest.mark.parametrize("block", [0, -1, 2.0])
+def test_blocked_refuses_a_block_below_one(block, one_line_dsq_error):
+    one_line_dsq_error(blocked, torch.zeros(2, 4), 1, block)

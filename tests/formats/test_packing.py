@@ -112,3 +112,30 @@ def test_weight_codes_go_in_slice_order():
     vqk = torch.tensor([[[[1, 2]], [[3, -4]], [[-1, 0]]]], dtype=torch.int8)  # (O=1, I=3, kh=1, kw=2)
     codes = unpack(pack_weight(vqk, layout, 4), 4, 6).tolist()
     assert codes == [1, 3, 2, -4, -1, 0]
+
+
+# ---- hostile codes and counts -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("codes", [
+    torch.tensor([65537, 1], dtype=torch.int32),  # wrapped to 1 in int16 on main and packed
+    torch.tensor([65536.0, 1.0]),  # likewise, as floats
+    torch.tensor([1e10, 0.0]),
+    torch.tensor([2.5, 1.0]),  # main truncated to 2
+    torch.tensor([float("nan"), 1.0]),
+    torch.tensor([float("inf"), 1.0]),
+    torch.tensor([True, False]),
+])
+def test_pack_refuses_codes_that_are_not_whole_b_bit_numbers(codes, one_line_dsq_error):
+    one_line_dsq_error(pack, codes, 4)
+
+
+@pytest.mark.parametrize("count", [2.0, True, None])  # main: a TypeError from deep inside, or True as 1
+def test_unpack_refuses_a_count_that_is_not_a_whole_number(count, one_line_dsq_error):
+    one_line_dsq_error(unpack, torch.zeros(1, dtype=torch.uint8), 4, count)
+
+
+def test_unpack_weight_checks_the_bytes_before_allocating_the_layout(one_line_dsq_error):
+    """A file claiming a 10**6 x 10**6 weight with 4 bytes: main built the layout's 10**12-entry mask first."""
+    layout = BlockLayout("channel", 32, (10 ** 6, 10 ** 6, 1, 1))
+    one_line_dsq_error(unpack_weight, torch.zeros(4, dtype=torch.uint8), layout, 4)

@@ -381,3 +381,92 @@ def test_formats_accept_blocks(block):
 
 def test_dsq_error_is_value_error():
     assert issubclass(DsqError, ValueError)
+
+
+# --------------------------------------------------------------------------- hostile values and arguments
+@pytest.mark.parametrize("power", [-130, -140])
+@pytest.mark.parametrize("rounds", [0, 5])
+def test_l2_fit_of_denormal_slices_is_the_scaled_normal_fit(power, rounds):
+    """The fit runs in float64: 2^k * w (denormal) fits like w, scaled."""
+    w = torch.tensor([[1.0, 0.0, 1.0, -0.375], [0.0, 0.0, 0.0, 0.0], [-1.0, 0.5, 0.0, 0.25]])
+    q, alpha = fit_l2(w, 4, rounds)
+    q_k, alpha_k = fit_l2(w * 2.0 ** power, 4, rounds)
+    assert torch.equal(q_k, q)  # main gave NaN codes for denormal slices (0 * inf)
+    assert torch.allclose(alpha_k.double(), alpha.double() * 2.0 ** power, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("method", ["l2", "kl"])
+@pytest.mark.parametrize("value", [3e38, torch.finfo(torch.float32).max])
+def test_weights_near_the_float32_max_give_finite_scales_and_weights(method, value):
+    w = torch.tensor([value, -value, value / 3, 0.0]).reshape(1, 4, 1, 1)
+    for bits in (2, 4, 8):
+        qw = quantize_weight(w, WeightFormat(bits=bits, block=4, method=method))
+        assert torch.isfinite(qw.kds).all() and torch.isfinite(qw.dequantize()).all()  # main: inf / nan
+
+
+def test_a_scale_that_would_overflow_is_the_largest_finite_one():
+    """2 bits, w = [m, -m]: q = [-2, 1] and the least-squares alpha -0.6 m makes alpha * q = 1.2 m,
+    past the float32 max for m = 3e38: alpha is limited to the largest scale that keeps it finite."""
+    w = torch.tensor([[3e38, -3e38]])
+    q, alpha = fit_l2(w, 2, rounds=0)
+    assert q.tolist() == [[-2.0, 1.0]]
+    assert torch.isfinite(alpha * q).all()
+    assert (alpha * -2).item() == pytest.approx(torch.finfo(torch.float32).max, rel=1e-6)
+
+
+@pytest.mark.parametrize("power", [55, 57, 60, 80, 120])
+def test_kl_scale_of_tiny_weights_keeps_its_sign_and_value(power):
+    """Tiny weights make softmax(w) nearly flat; main's Newton steps then followed rounding noise
+    (alpha off by 80 % or of the wrong sign at 1e-16). The limit is the centred least-squares scale."""
+    w = _rows(64, 16, seed=1) * 2.0 ** -power
+    q, alpha = fit_kl(w, 4)
+    qc, wc = q.double() - q.double().mean(1, keepdim=True), w.double() - w.double().mean(1, keepdim=True)
+    expected = (wc * qc).sum(1) / (qc * qc).sum(1)
+    assert torch.allclose(alpha.double(), expected, rtol=1e-4, atol=0)
+
+
+def test_refinement_stops_once_no_slice_improves(monkeypatch):
+    """A fixed point repeats itself: an absurd round count (--rounds 1000000000) costs a few rounds."""
+    import dsq.formats.weights as weights
+
+    original, calls = weights.codes_for_scale, []
+
+    def counting(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(weights, "codes_for_scale", counting)
+    w = _rows(50, 32, seed=3)
+    q, alpha = fit_l2(w, 3, rounds=10_000)
+    assert len(calls) < 100
+    monkeypatch.undo()
+    q_ref, alpha_ref = fit_l2(w, 3, rounds=len(calls) + 5)
+    assert torch.equal(q, q_ref) and torch.equal(alpha, alpha_ref)
+
+
+@pytest.mark.parametrize("weight", [
+    torch.ones(2, 3, 3, 3, dtype=torch.int64),  # main quantized integers silently
+    torch.ones(2, 3, 3, 3, dtype=torch.bool),
+    torch.ones(2, 3, 3),  # a Conv1d weight
+    torch.ones(6),
+    torch.tensor([[1.0, float("nan")]]),  # main: the slice's scale became 0, silently
+    torch.tensor([[1.0, float("inf")]]),
+    torch.tensor([[1.0, 1e300]], dtype=torch.float64),  # beyond float32
+])
+def test_quantize_weight_refuses_what_it_cannot_quantize(weight, one_line_dsq_error):
+    one_line_dsq_error(quantize_weight, weight, WeightFormat())
+
+
+@pytest.mark.parametrize("call", [
+    lambda w: fit_l2(w, 1), lambda w: fit_l2(w, 9), lambda w: fit_l2(w, 4.0), lambda w: fit_l2(w, 4, rounds=-1),
+    lambda w: fit_l2(w, 4, sum_weight=-1.0), lambda w: fit_l2(w, 4, sum_weight=1e300), lambda w: fit_kl(w, 0),
+])
+def test_fits_check_their_arguments(call, one_line_dsq_error):
+    one_line_dsq_error(call, _rows(3, 8))
+
+
+@pytest.mark.parametrize("sum_weight", [1e7, 1e300, True])
+def test_weight_format_rejects_an_absurd_sum_weight(sum_weight, one_line_dsq_error):
+    """Past 1e6 the slice sum alone decides alpha; 1e300 overflowed the fit's sums into NaN scales."""
+    assert "sum weight" in one_line_dsq_error(WeightFormat, sum_weight=sum_weight)
+
