@@ -33,12 +33,16 @@ class Accuracy:
         return dataclasses.asdict(self)
 
 
+def _whole(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def spread_indices(size: int, limit: int | None) -> list[int]:
     """Indices of `limit` items spread evenly over `size` (all of them if limit is None or >= size).
 
     Spread, not the first N, so that a class-folder dataset keeps roughly every class.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+    if limit is not None and not (_whole(limit) and limit >= 1):
         raise DsqError(f"the image limit must be a whole number of at least 1, got {limit!r}")
     if limit is None or limit >= size:
         return list(range(size))
@@ -56,6 +60,12 @@ def resolve_device(device: str | torch.device) -> torch.device:
     return resolved
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` says that torch (CPU or CUDA) or the system ran out of memory."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
+        phrase in str(error) for phrase in ("can't allocate memory", "Cannot allocate memory", "out of memory"))
+
+
 def _batches(loader: DataLoader):
     """Iterate `loader`, turning loading failures (also from worker processes) into one-line DsqErrors."""
     batches = iter(loader)
@@ -67,10 +77,13 @@ def _batches(loader: DataLoader):
         message = last.removeprefix(f"{DsqError.__module__}.{DsqError.__qualname__}: ")
         traceback.clear_frames(error.__traceback__)
     except RuntimeError as error:
-        if "equal size" not in str(error):
+        if "equal size" in str(error):
+            message = ("images of different sizes cannot be batched: set --resize/--crop or a --preset "
+                       "so that every image comes out the same size")
+        elif is_out_of_memory(error):
+            message = "out of memory loading a batch of images: lower the batch size (--batch-size)"
+        else:
             raise
-        message = ("images of different sizes cannot be batched: set --resize/--crop or a --preset "
-                   "so that every image comes out the same size")
         traceback.clear_frames(error.__traceback__)
     # The cleared frames no longer hold the iterator in a reference cycle, so deleting it stops
     # the worker processes now rather than at a later garbage collection (which waits 5 s).
@@ -118,7 +131,7 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
     """
     if not models:
         raise DsqError("no model to evaluate")
-    if batch_size < 1 or workers < 0:
+    if not (_whole(batch_size) and batch_size >= 1 and _whole(workers) and workers >= 0):
         raise DsqError(f"batch size must be >= 1 and workers >= 0, got {batch_size} and {workers}")
     size = len(dataset)
     if size == 0:
@@ -146,7 +159,13 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
                 def forward(name: str, images=images) -> tuple[torch.Tensor, float]:
                     with torch.inference_mode():
                         start = time.perf_counter()
-                        logits = models[name](images)
+                        try:
+                            logits = models[name](images)
+                        except (RuntimeError, MemoryError) as error:
+                            if not is_out_of_memory(error):
+                                raise
+                            raise DsqError(f"out of memory running model {name!r} on a batch of {len(images)} "
+                                           "images: lower the batch size (--batch-size)") from None
                         if resolved.type == "cuda":
                             torch.cuda.synchronize(resolved)
                         return logits, time.perf_counter() - start

@@ -420,17 +420,12 @@ class StemRegisteredLast(nn.Module):
         return self.head(torch.relu(self.stem(x)))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the 'image input' conv is the first nn.Conv2d in named_modules() "
-                   "order, not the first conv that runs: a model registering its head before its stem gets "
-                   "its image BFP-rounded and the head's input left float")
 def test_image_conv_is_the_one_that_reads_the_image():
     _, r = dsq.quantize(StemRegisteredLast(), bits=4, rounds=0)
     acts = {row.name: row.act for row in r.layers}
     assert acts == {"head": "bfp8/32", "stem": "float (image input)"}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: quantize() of a float64 model gives a model that cannot run: the "
-                   "KDS (and so the dequantized weight) is float32 while inputs and biases are float64")
 def test_float64_model():
     model = dsq.models.build_model("cifar_resnet20").double()
     q, _ = dsq.quantize(model, bits=4, rounds=0)

@@ -73,11 +73,9 @@ def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, im
     weight's rounding down or up from `float_model`'s weight, AdaRound-style), stopped after
     `adapt_seconds` if given. Seeded by `seed`.
     """
-    if len(images) == 0:
-        raise DsqError("no calibration images: pass a folder with images in it")
-    layers = {name: m for name, m in qmodel.named_modules() if is_dsconv(m)}
-    if not layers:
-        raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
+    layers = _check_models(float_model, qmodel, report)
+    _check_images(images, qmodel)
+    _check_counts(adapt_steps=(adapt_steps, 0), batch_size=(batch_size, 1))
     probe = images[spread_indices(len(images), fit_images)]
     result = CalibrationReport(len(images), len(probe), source)
     scale_dtype = report.settings.get("scale_dtype", "float32")
@@ -107,6 +105,58 @@ def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, im
         result.sqnr_after = output_sqnr(float_model, qmodel, list(layers), probe)
     _update_report(report, float_model, layers, result)
     return result
+
+
+def _check_models(float_model, qmodel, report) -> dict[str, nn.Module]:
+    """The DSConv layers of `qmodel`; DsqError unless `qmodel` and `report` come from
+    dsq.quantize(float_model): every layer the report quantized is a DSConv layer of `qmodel` and
+    a float conv or linear layer of the same weight shape in `float_model`."""
+    if not isinstance(float_model, nn.Module) or not isinstance(qmodel, nn.Module):
+        raise DsqError("calibrate needs the float model and its quantized copy as torch.nn.Modules")
+    if not isinstance(report, QuantReport):
+        raise DsqError(f"calibrate needs the QuantReport of dsq.quantize, not a {type(report).__name__} value")
+    layers = {name: m for name, m in qmodel.named_modules() if is_dsconv(m)}
+    if not layers:
+        raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
+    if any(is_dsconv(m) for m in float_model.modules()):
+        raise DsqError("the float model has DSConv layers: pass the float model that was quantized, not a quantized one")
+    if sorted(r.name for r in report.quantized_layers) != sorted(layers):
+        raise DsqError("the report does not belong to the quantized model (their quantized layers differ): "
+                       "pass the report that dsq.quantize returned with it")
+    float_layers = dict(float_model.named_modules())
+    for name, layer in layers.items():
+        twin = float_layers.get(name)
+        if not isinstance(twin, (nn.Conv2d, nn.Linear)) or list(twin.weight.shape) != list(layer.vqk.shape):
+            raise DsqError(f"the float model does not match the quantized one at layer {name!r}: "
+                           "pass the model that dsq.quantize was given")
+    return layers
+
+
+def _check_images(images, qmodel: nn.Module) -> None:
+    """DsqError unless `images` is a non-empty, finite float (N, C, H, W) tensor that `qmodel` runs on."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.is_floating_point():
+        got = f"a {images.dim()}-d {images.dtype} tensor" if isinstance(images, torch.Tensor) else type(images).__name__
+        raise DsqError(f"calibration images must be one float tensor (N, C, H, W), got {got}")
+    if len(images) == 0:
+        raise DsqError("no calibration images: pass a folder with images in it")
+    if not bool(torch.isfinite(images).all()):
+        raise DsqError("the calibration images hold NaN or Inf values: check their preprocessing")
+    training = qmodel.training
+    try:
+        with torch.no_grad():
+            qmodel.eval()(images[:1])
+    except (RuntimeError, ValueError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise DsqError(f"the calibration images {list(images.shape)} do not fit the model ({reason})") from None
+    finally:
+        qmodel.train(training)
+
+
+def _check_counts(**counts: tuple[int, int]) -> None:
+    """DsqError unless each keyword's value (value, least) is a whole number >= least."""
+    for what, (value, least) in counts.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise DsqError(f"{what} must be a whole number of at least {least}, got {value!r}")
 
 
 def _update_report(report: QuantReport, float_model: nn.Module, layers: dict[str, nn.Module],

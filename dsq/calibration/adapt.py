@@ -53,7 +53,8 @@ def adapt(float_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, *, st
           seconds: float | None = None, batch_size: int = DEFAULT_BATCH, lr: float = DEFAULT_LR,
           weights: str = "fixed", rounding_weight: float = DEFAULT_ROUNDING_WEIGHT, scale_dtype: str = "float32",
           seed: int = 0, progress: bool = False) -> AdaptResult:
-    """Train `qmodel` to match `float_model`'s outputs on `images` for `steps` steps (or until
+    """Train `qmodel` to match `float_model`'s outputs on `images` for `steps` steps of `batch_size`
+    images (at most as many as there are) drawn with replacement (or until
     `seconds` have passed), seeded; BatchNorm keeps its statistics (eval mode). Leaves `qmodel`
     frozen (an inference model again) with its scales in `scale_dtype`.
 
@@ -72,7 +73,8 @@ def adapt(float_model: nn.Module, qmodel: nn.Module, images: torch.Tensor, *, st
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     losses, bar = [], tqdm(total=steps, desc="adapting", unit="step", disable=not progress)
     for step in range(steps):
-        batch = augment(images[torch.randint(len(images), (batch_size,), generator=generator)], generator)
+        batch = augment(images[torch.randint(len(images), (min(batch_size, len(images)),), generator=generator)],
+                        generator)
         with torch.no_grad():
             teacher = float_model(batch)
         loss = distillation_loss(qmodel(batch), teacher)

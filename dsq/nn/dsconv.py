@@ -32,7 +32,7 @@ class DSConvMixin:
         qw = quantize_weight(weight, fmt, getattr(self, "groups", 1))
         self._parameters.pop("weight", None)
         self.register_buffer("vqk", qw.vqk)
-        self.register_buffer("kds", qw.kds)
+        self.register_buffer("kds", qw.kds.to(weight.dtype))  # the dequantized weight keeps the layer's dtype
         self.weight_format = fmt
         self.layout = qw.layout
         self.act_format = act
@@ -152,12 +152,16 @@ def set_backend(model: nn.Module, backend: str) -> list[str]:
     in float64, rounded once to float32 (dsq.nn.exact_backend). "int" and "exact" are for
     inference and refuse a trainable model.
     """
-    if backend not in BACKENDS:
-        raise DsqError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     layers = {name: m for name, m in model.named_modules() if is_dsconv(m)}
     if not layers:
         raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
     if backend != "simulate":
+        wide = next((name for name, m in layers.items() if m.kds.dtype != torch.float32), None)
+        if wide is not None:
+            raise DsqError(f"the {backend} backend computes in float32, but layer {wide!r} is "
+                           f"{str(layers[wide].kds.dtype).removeprefix('torch.')}: use the simulate backend, "
+                           "or quantize a float32 model")
         trainable = [name for name, m in layers.items() if trainable_mode(m)]
         if trainable:
             raise DsqError(f"the model is trainable ({len(trainable)} DSConv layers, e.g. {trainable[0]!r}) and the "
@@ -172,6 +176,12 @@ def set_backend(model: nn.Module, backend: str) -> list[str]:
         m.backend = backend
         m._cache = None  # the int and exact backends need no float32 weight
     return [name for name, m in layers.items() if m.runs_int]
+
+
+def check_backend(backend: str) -> None:
+    """DsqError unless `backend` is one of BACKENDS."""
+    if backend not in BACKENDS:
+        raise DsqError(f"unknown backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 
 def is_dsconv(module: nn.Module) -> bool:

@@ -43,6 +43,7 @@ from torch.nn.modules.utils import _pair
 
 from ..errors import DsqError
 from ..formats import CHANNEL, bfp_encode
+from ..formats.blocks import block_width
 from .stand_in import StandInWeight
 
 INT_DEVICES = ("cpu", "cuda")  # where torch has an int8 x int8 -> int32 matrix product (torch._int_mm)
@@ -175,8 +176,9 @@ def _kernel_plan(layer, groups: int) -> KernelPlan | None:
         return None
     if cpu_kernel() is None:
         return None
-    nb, taps, run, out = -(-c // block), kh * kw, -(-min(block, c) // 4) * 4, -(-o // 16) * 16
-    q = F.pad(layer.vqk.reshape(o, c, taps), (0, 0, 0, nb * block - c)).view(o, nb, block, taps)
+    width = block_width(c, block)  # a block longer than the channels is all of them
+    nb, taps, run, out = -(-c // width), kh * kw, -(-width // 4) * 4, -(-o // 16) * 16
+    q = F.pad(layer.vqk.reshape(o, c, taps), (0, 0, 0, nb * width - c)).view(o, nb, width, taps)
     q = F.pad(_fit_last(q.permute(3, 1, 0, 2), run), (0, 0, 0, out - o)).short()  # (T, nb, O', run)
     alpha = F.pad(layer.kds.reshape(o, nb, taps).permute(2, 1, 0).float(), (0, out - o))
     if int(q.abs().max()) > 64:  # uint8 x int8 pair sums could pass 2^15: split q = 16 hi + lo
