@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .convert import QuantReport, scale_torch_dtype
+from .artifact_check import DTYPE_BYTES, PACKED, SCALES, StoredTensor, check_recipe, shown, stored_tensors
+from .artifact_check import layer_key as _key
 from .errors import DsqError
 from .fileio import atomic_path
 from .formats import ActFormat, BlockLayout, WeightFormat, pack_weight, unpack_weight
@@ -28,15 +31,14 @@ from .nn import is_dsconv, is_trainable
 from .nn.dsconv import from_quantized
 
 FORMAT = "dsq"
-FORMAT_VERSION = 1
-PACKED, SCALES = "vqk.packed", "kds"  # per-layer keys: <layer>.vqk.packed, <layer>.kds
+FORMAT_VERSION = 2  # 2: the checksum covers the recipe too; 1: the tensors only (still read)
+READABLE_VERSIONS = (1, 2)
+SUFFIX = ".dsq"
 MAX_HEADER_BYTES = 100 * 2**20
 SIGNATURE = b'{"__metadata__":{"dsq":'  # how safetensors starts the header of a file dsq wrote
-SAFETENSORS_BITS = {"F16": 16, "F32": 32}  # the scale dtypes, as the header names them
-
-
-def _key(layer: str, leaf: str) -> str:
-    return f"{layer}.{leaf}" if layer else leaf
+# Numbers a model holds at most per byte of its file: 2-bit codes pack 4 weights in a byte,
+# every other tensor takes at least a byte per number.
+MAX_PARAMS_PER_BYTE = 4
 
 
 def _problem(e: Exception) -> str:
@@ -81,9 +83,18 @@ def _file_tensors(qmodel: nn.Module, scale_dtype: torch.dtype) -> dict[str, torc
     return tensors
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over every tensor's name, dtype, shape and bytes, in name order."""
+def _canonical(recipe: dict) -> str:
+    """The recipe as checksummed: sorted keys, no spaces, the checksum itself left out."""
+    return json.dumps({k: v for k, v in recipe.items() if k != "sha256"}, sort_keys=True, separators=(",", ":"))
+
+
+def checksum(recipe: dict, tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the recipe (from format version 2) and every tensor's name, dtype, shape and
+    bytes, in name order: the recipe's `sha256`."""
     h = hashlib.sha256()
+    if recipe["format_version"] >= 2:
+        text = _canonical(recipe)
+        h.update(f"{len(text)}|{text}".encode())
     for key in sorted(tensors):
         t = tensors[key]
         h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
@@ -102,18 +113,30 @@ def save(path: str | os.PathLike, qmodel: nn.Module, report: QuantReport, *, arc
     if is_trainable(qmodel):
         raise DsqError("the model is trainable (dsq.nn.make_trainable): dsq.nn.freeze(model) before saving it")
     tensors = _file_tensors(qmodel, scale_torch_dtype(report.settings.get("scale_dtype", "float32")))
-    recipe = {
+    recipe = json.loads(json.dumps({  # as a reader will see it: plain JSON values
         "format": FORMAT, "format_version": FORMAT_VERSION, "dsq_version": __version__,
         "arch": arch, "num_classes": num_classes, "preset": preset, "settings": report.settings,
         "layers": {name: _layer_recipe(m) for name, m in dsconv_layers(qmodel)},
-        "report": report.to_dict(), "accuracy": accuracy, "sha256": _digest(tensors),
-    }
+        "report": report.to_dict(), "accuracy": accuracy,
+    }, default=str))
+    recipe["sha256"] = checksum(recipe, tensors)
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata={FORMAT: json.dumps(recipe, default=str, separators=(",", ":"))})
+        try:
+            save_file(tensors, tmp, metadata={FORMAT: json.dumps(recipe, separators=(",", ":"))})
+        except (SafetensorError, OSError) as e:
+            raise DsqError(f"cannot write {path}: {_problem(e)}") from None
     return file_sizes(path)
 
 
 # ---- reading the header and the recipe -------------------------------------------------------
+
+
+def _json(text: bytes | str):
+    """The JSON value of `text`, or None when it is not JSON (or nested too deep to read)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _header(path: str | os.PathLike) -> tuple[dict, int]:
@@ -127,11 +150,10 @@ def _header(path: str | os.PathLike) -> tuple[dict, int]:
             if _starts_like_dsq(path):
                 raise DsqError(f"{path} is truncated: the file ends inside its header")
             raise DsqError(f"{path} is not a dsq model file (no safetensors header)")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError:
-            header = None
+        header = _json(f.read(size))
     if not isinstance(header, dict):
+        if _starts_like_dsq(path):
+            raise DsqError(f"{path} is damaged: its header is not readable JSON")
         raise DsqError(f"{path} is not a dsq model file (its safetensors header is unreadable)")
     return header, size
 
@@ -151,60 +173,98 @@ def _starts_like_dsq(path: str | os.PathLike) -> bool:
 
 
 def is_dsq_file(path: str | os.PathLike) -> bool:
-    """Whether `path` is a dsq model file, or a damaged one (`load` then says what is wrong)."""
+    """Whether `path` is a dsq model file, or a damaged one (`load` then says what is wrong):
+    named *.dsq, or beginning or holding what a dsq file does."""
+    if Path(path).suffix.lower() == SUFFIX or _starts_like_dsq(path):
+        return True
     try:
         return FORMAT in _metadata(_header(path)[0])
     except DsqError:
-        return _starts_like_dsq(path)
+        return False
 
 
-def read_recipe(path: str | os.PathLike) -> dict:
-    """The JSON recipe of a dsq file; DsqError if `path` is not one, or one this dsq cannot read."""
-    meta = _metadata(_header(path)[0])
+def _damaged(path, check, *args):
+    """`check(*args)`, its DsqError said of the file `path` as damage."""
+    try:
+        return check(*args)
+    except DsqError as e:
+        raise DsqError(f"{path} is damaged: {e}") from None
+
+
+def _recipe_and_header(path) -> tuple[dict, dict]:
+    """The file's recipe, of a version this dsq reads, and its tensors as the header declares them;
+    both checked against each other and the file's length, no tensor read."""
+    header, header_size = _header(path)
+    meta = _metadata(header)
     if FORMAT not in meta:
         raise DsqError(f"{path} is a safetensors file but not a dsq model (no dsq recipe inside)")
-    try:
-        recipe = json.loads(meta[FORMAT])
-    except ValueError:
-        recipe = None
+    recipe = _json(meta[FORMAT]) if isinstance(meta[FORMAT], str) else None
     if not isinstance(recipe, dict):
         raise DsqError(f"{path} is damaged: its dsq recipe is not readable JSON")
     _check_version(path, recipe.get("format_version"))
-    return recipe
+    stored, end = _damaged(path, stored_tensors, header)
+    file_bytes = Path(path).stat().st_size
+    if 8 + header_size + end > file_bytes:
+        raise DsqError(f"{path} is truncated: its header needs {8 + header_size + end} bytes, the file has {file_bytes}")
+    _damaged(path, check_recipe, recipe, stored)
+    return recipe, stored
 
 
 def _check_version(path, version) -> None:
-    if isinstance(version, int) and version > FORMAT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
         raise DsqError(f"{path} has dsq file format version {version}, newer than this dsq {__version__} "
                        f"reads (up to {FORMAT_VERSION}): upgrade dsq")
-    if version != FORMAT_VERSION:
-        raise DsqError(f"{path} has an unknown dsq file format version {version!r} (this dsq reads {FORMAT_VERSION})")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise DsqError(f"{path} has an unknown dsq file format version {shown(version)} "
+                       f"(this dsq reads {', '.join(map(str, READABLE_VERSIONS))})")
+
+
+def _read_tensors(path, recipe: dict) -> dict[str, torch.Tensor]:
+    """Every tensor of the file, checked against the recipe's checksum and for finite values."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DsqError(f"{path} is damaged or truncated: cannot read its tensors ({_problem(e)})") from None
+    if checksum(recipe, tensors) != recipe["sha256"]:
+        what = "recipe and tensors do" if recipe["format_version"] >= 2 else "tensors do"
+        raise DsqError(f"{path} is damaged: its {what} not match the checksum in its recipe")
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DsqError(f"{path} is damaged: tensor {key} holds NaN or infinite values")
+    return tensors
+
+
+def _open(path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checked recipe and tensors of a dsq file."""
+    recipe, _ = _recipe_and_header(path)
+    return recipe, _read_tensors(path, recipe)
+
+
+def read_recipe(path: str | os.PathLike) -> dict:
+    """The JSON recipe of a dsq file, every field checked and covered by its checksum; DsqError if
+    `path` is not a dsq file, a damaged one, or one this dsq cannot read."""
+    return _open(path)[0]
 
 
 # ---- loading ---------------------------------------------------------------------------------
 
 
-def _read_tensors(path, recipe: dict) -> dict[str, torch.Tensor]:
-    """Every tensor of the file, checked against the recipe's SHA-256."""
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DsqError(f"{path} is damaged or truncated: cannot read its tensors ({_problem(e)})") from None
-    if _digest(tensors) != recipe.get("sha256"):
-        raise DsqError(f"{path} is damaged: its tensors do not match the checksum in its recipe")
-    return tensors
-
-
-def _skeleton(path, recipe: dict, skeleton: nn.Module | None) -> nn.Module:
-    """A copy of the given float skeleton, or the recipe's architecture built by name."""
+def _skeleton(path, recipe: dict, tensors: dict[str, torch.Tensor], skeleton: nn.Module | None) -> nn.Module:
+    """A copy of the given float skeleton, or the recipe's architecture built by name (once its
+    size, counted without building it, is known to fit what the file holds)."""
     if skeleton is not None:
         return copy.deepcopy(skeleton).eval()
-    if not recipe.get("arch"):
+    if not recipe["arch"]:
         raise DsqError(f"{path} does not name an architecture dsq can build: pass the float skeleton "
                        "(dsq.load(path, skeleton=model))")
-    from .models import build_model  # imported here: torchvision and friends load only when needed
+    from .models import build_model, state_size  # imported here: torchvision and friends load only when needed
 
-    return build_model(recipe["arch"], recipe.get("num_classes"))
+    params = state_size(recipe["arch"], recipe["num_classes"])
+    stored = sum(t.numel() * t.element_size() for t in tensors.values())
+    if params > MAX_PARAMS_PER_BYTE * stored:
+        raise DsqError(f"{path} is damaged: architecture {recipe['arch']} has {params:,} parameters, "
+                       f"more than its {stored:,} bytes of tensors can hold")
+    return build_model(recipe["arch"], recipe["num_classes"])
 
 
 def _restore_layer(path, model: nn.Module, name: str, layer: dict, tensors: dict) -> None:
@@ -222,14 +282,20 @@ def _restore_layer(path, model: nn.Module, name: str, layer: dict, tensors: dict
     layout = BlockLayout(layer["layout"], fmt.block, tuple(shape + [1] * (4 - len(shape))))
     vqk = unpack_weight(tensors.pop(_key(name, PACKED)), layout, fmt.bits).reshape(shape)
     kds = tensors[_key(name, SCALES)].float()
-    if tuple(kds.shape) != layout.scale_shape:
-        raise DsqError(f"{path} is damaged: layer {name} has scales of shape {list(kds.shape)}, "
-                       f"expected {list(layout.scale_shape)}")
     from_quantized(module, vqk, kds, layout, fmt, act)
     bias = tensors.get(_key(name, "bias"))
     if bias is not None and module.bias is None:  # a bias that calibration added (bias correction)
         module.bias = nn.Parameter(torch.empty_like(bias))
     tensors[_key(name, "vqk")], tensors[_key(name, SCALES)] = vqk, kds
+
+
+def _check_dtypes(path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Each tensor of the file has the dtype of the model's entry it fills (no silent conversion)."""
+    for key, want in model.state_dict().items():
+        got = tensors.get(key)
+        if got is not None and got.dtype != want.dtype:
+            raise DsqError(f"{path} does not fit the model: tensor {key} is {str(got.dtype).removeprefix('torch.')}, "
+                           f"the model holds {str(want.dtype).removeprefix('torch.')}")
 
 
 def load(path: str | os.PathLike, skeleton: nn.Module | None = None) -> tuple[nn.Module, dict]:
@@ -238,14 +304,11 @@ def load(path: str | os.PathLike, skeleton: nn.Module | None = None) -> tuple[nn
     The architecture is rebuilt by name from the recipe; for models dsq cannot build by
     name, pass the float `skeleton` (any weights: a copy of it takes the file's tensors).
     """
-    recipe = read_recipe(path)
-    tensors = _read_tensors(path, recipe)
-    model = _skeleton(path, recipe, skeleton)
-    try:
-        for name, layer in recipe["layers"].items():
-            _restore_layer(path, model, name, layer, tensors)
-    except (KeyError, TypeError) as e:
-        raise DsqError(f"{path} is damaged: its recipe or tensors lack {_problem(e)}") from None
+    recipe, tensors = _open(path)
+    model = _skeleton(path, recipe, tensors, skeleton)
+    for name, layer in recipe["layers"].items():
+        _restore_layer(path, model, name, layer, tensors)
+    _check_dtypes(path, model, tensors)
     try:
         model.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -338,33 +401,23 @@ def act_label(act_format: dict | None) -> str:
     return ActFormat(**act_format).label if act_format else "float"
 
 
-def _tensor_bytes(path, header: dict, header_size: int) -> dict[str, int]:
-    """Bytes of every tensor, from the header; DsqError when the file is shorter than it says."""
-    spans = {k: v["data_offsets"] for k, v in header.items() if k != "__metadata__"}
-    end = 8 + header_size + max((stop for _, stop in spans.values()), default=0)
-    if Path(path).stat().st_size < end:
-        raise DsqError(f"{path} is truncated: its header needs {end} bytes, the file has {Path(path).stat().st_size}")
-    return {k: stop - start for k, (start, stop) in spans.items()}
+def _nbytes(stored: StoredTensor) -> int:
+    return math.prod(stored.shape) * DTYPE_BYTES[stored.dtype]
 
 
-def _layer_size(name: str, layer: dict, header: dict, nbytes: dict[str, int]) -> LayerSize:
-    scales = header[_key(name, SCALES)]
+def _layer_size(name: str, layer: dict, stored: dict[str, StoredTensor]) -> LayerSize:
+    packed, scales = stored.pop(_key(name, PACKED)), stored.pop(_key(name, SCALES))
     return LayerSize(
         name=name, shape=layer["shape"], layout=layer["layout"], act=act_label(layer["act_format"]),
-        params=int(torch.Size(layer["shape"]).numel()),
-        bits=layer["weight_format"]["bits"], n_scales=int(torch.Size(scales["shape"]).numel()),
-        scale_bits=SAFETENSORS_BITS[scales["dtype"]],
-        file_bytes=nbytes.pop(_key(name, PACKED)) + nbytes.pop(_key(name, SCALES)),
+        params=math.prod(layer["shape"]), bits=layer["weight_format"]["bits"],
+        n_scales=math.prod(scales.shape), scale_bits=8 * DTYPE_BYTES[scales.dtype],
+        file_bytes=_nbytes(packed) + _nbytes(scales),
     )
 
 
 def file_sizes(path: str | os.PathLike) -> FileSizes:
-    """Per-layer and whole-file size accounting, from the header alone (no tensor is read)."""
-    recipe, (header, header_size) = read_recipe(path), _header(path)
-    try:
-        nbytes = _tensor_bytes(path, header, header_size)
-        layers = [_layer_size(name, layer, header, nbytes) for name, layer in recipe["layers"].items()]
-        model_float_bytes = recipe["report"]["model_float_bytes"]
-    except (KeyError, TypeError, ValueError) as e:
-        raise DsqError(f"{path} is damaged: its recipe or header lacks {_problem(e)}") from None
-    return FileSizes(str(path), layers, sum(nbytes.values()), Path(path).stat().st_size, model_float_bytes)
+    """Per-layer and whole-file size accounting, from the checked header alone (no tensor is read)."""
+    recipe, stored = _recipe_and_header(path)
+    layers = [_layer_size(name, layer, stored) for name, layer in recipe["layers"].items()]
+    return FileSizes(str(path), layers, sum(map(_nbytes, stored.values())), Path(path).stat().st_size,
+                     recipe["report"]["model_float_bytes"])

@@ -270,7 +270,7 @@ def _rewrite(path, change_recipe=None, change_tensors=None):
         change_recipe(recipe)
     if change_tensors:
         change_tensors(tensors)
-        recipe["sha256"] = artifact._digest(tensors)
+    recipe["sha256"] = artifact.checksum(recipe, tensors)
     save_file(tensors, str(path), metadata={"dsq": json.dumps(recipe)})
 
 
@@ -292,10 +292,11 @@ def test_flipped_bits_in_the_tensors(small_file, one_line_dsq_error):
 
 @pytest.mark.parametrize("content", [b"", b"hello", b"\xff" * 64, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}!!!!!!"])
 def test_not_a_safetensors_file(tmp_path, content, one_line_dsq_error):
-    path = tmp_path / "junk.dsq"
+    path = tmp_path / "junk.bin"
     path.write_bytes(content)
     assert not artifact.is_dsq_file(path)
-    assert "not a dsq model file" in one_line_dsq_error(dsq.load, path)
+    assert artifact.is_dsq_file(path.rename(tmp_path / "junk.dsq"))  # by its name: `dsq eval` says what is wrong
+    assert "not a dsq model file" in one_line_dsq_error(dsq.load, tmp_path / "junk.dsq")
 
 
 def test_a_safetensors_file_without_a_recipe(tmp_path, one_line_dsq_error):

@@ -5,9 +5,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 StateDict = dict[str, Tensor]
+
+
+class _WeightsOnMeta(TorchFunctionMode):
+    """Creates the tensors that layers make their weights with on the meta device (shapes, no
+    memory); other tensors stay real, so architectures that compute their widths with tensors
+    (RegNet) still build."""
+
+    FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self.FACTORIES and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def _unknown_top1(file_name: str) -> float | None:
@@ -35,3 +51,9 @@ class Arch:
     pretrained: Callable[[], tuple[StateDict, float | None]] | None = None
     top1_of_file: Callable[[str], float | None] = _unknown_top1
     adapt: Callable[[StateDict], StateDict] = _unchanged
+
+    def probe(self, num_classes: int) -> nn.Module:
+        """The architecture with its weights on the meta device: names and shapes without memory,
+        to check what a file holds before building the real model from it."""
+        with _WeightsOnMeta():
+            return self.build(num_classes)

@@ -29,7 +29,27 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> StateDict:
             f"{path} holds no weight tensors ({_describe(content)}); "
             "save one with torch.save(model.state_dict(), path)"
         )
+    for key, tensor in state_dict.items():
+        _check_tensor(path, key, tensor)
     return _strip_prefixes(state_dict)
+
+
+def _check_tensor(path: Path, key: str, tensor: Tensor) -> None:
+    """A plain tensor whose data really holds all its numbers, all of them finite.
+
+    A stride-0 or overlapping view declares more numbers than its storage holds: a small file
+    could make dsq allocate its declared size. NaN or Inf would be quantized to 0 without a word
+    and every accuracy measured on the model would be meaningless, so they are refused.
+    """
+    if tensor.layout != torch.strided or tensor.is_quantized or tensor.is_meta:
+        raise DsqError(f"{path}: tensor {key} is not a plain dense tensor; re-save the model's state_dict")
+    held = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
+    if tensor.numel() > held:
+        raise DsqError(f"{path} is damaged: tensor {key} declares {tensor.numel():,} numbers but its data "
+                       f"holds {held:,}; re-save the model's state_dict")
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise DsqError(f"{path}: tensor {key} holds NaN or infinite values; a model with them has no "
+                       "meaningful accuracy: fix or retrain it")
 
 
 def _read(path: Path, trust_pickle: bool) -> object:

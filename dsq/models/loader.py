@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import DsqError
 from .arch import Arch, StateDict
 from .checkpoint import SUFFIXES, read_state_dict
-from .fit import build_for, load_weights
+from .fit import build_for
 from .registry import arch_from_filename, find_arch, get_arch, suggest
 
 
@@ -53,6 +53,5 @@ def _load_published(name: str, arch: str | None) -> LoadedModel:
 
 def _assemble(spec: Arch, state_dict: StateDict, source: str, top1: float | None) -> LoadedModel:
     state_dict = spec.adapt(state_dict)
-    model, num_classes = build_for(spec, state_dict)
-    load_weights(model, state_dict, source, spec.name)
+    model, num_classes = build_for(spec, state_dict, source)
     return LoadedModel(model.eval(), spec.name, spec.preset, source, num_classes, top1)

@@ -74,3 +74,9 @@ def build_model(arch: str, num_classes: int | None = None) -> nn.Module:
     """A float skeleton of `arch` with initial weights (no download), in eval mode."""
     spec = get_arch(arch)
     return spec.build(num_classes or spec.num_classes).eval()
+
+
+def state_size(arch: str, num_classes: int | None = None) -> int:
+    """How many numbers the state_dict of `arch` holds, counted without allocating them."""
+    spec = get_arch(arch)
+    return sum(t.numel() for t in spec.probe(num_classes or spec.num_classes).state_dict().values())
