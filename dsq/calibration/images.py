@@ -11,8 +11,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import LabelledImages
-from ..data.images import is_image_name
-from ..data.folders import existing_folder, images_under, subfolders
+from ..data.folders import ImageWalk, existing_folder, subfolders
 from ..errors import DsqError
 from ..evaluate import _batches
 
@@ -25,9 +24,9 @@ def calibration_files(folder: str | os.PathLike, count: int = DEFAULT_CALIB_IMAG
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise DsqError(f"the number of calibration images must be a whole number of at least 1, got {count!r}")
     root = existing_folder(folder)
-    groups = [images_under(str(root / name)) for name in subfolders(root)]
-    groups.append([str(root / name) for name in sorted(os.listdir(root))
-                   if is_image_name(name) and (root / name).is_file()])
+    folders = [root / name for name in subfolders(root)]
+    walk = ImageWalk(root)
+    groups = [*walk.in_folders(folders), walk.images(root, recursive=False)]
     ordered = [path for row in zip_longest(*groups) for path in row if path is not None]
     if not ordered:
         raise DsqError(f"found no images in calibration folder {root}: pass a folder of .jpg/.png images")

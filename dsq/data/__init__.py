@@ -1,12 +1,12 @@
 """Images for calibration and evaluation: preprocessing presets and labelled image datasets."""
 
 from .checks import check_labels
-from .classes import is_wnid, read_classes
+from .classes import CIFAR10_CLASSES, is_wnid, read_classes
 from .flat import WnidFileDataset
 from .folders import ClassFolderDataset
 from .images import IMAGE_EXTENSIONS, LabelledImages, load_image
 from .presets import PRESETS, Preset, get_preset
-from .samples import CIFAR10_CLASSES, DEMO_SETS, demo_dataset, demo_folder, open_dataset
+from .samples import DEMO_SETS, demo_dataset, demo_folder, open_dataset
 
 __all__ = [
     "CIFAR10_CLASSES", "DEMO_SETS", "IMAGE_EXTENSIONS", "PRESETS",

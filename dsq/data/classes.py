@@ -14,10 +14,18 @@ _WNID_LINE = re.compile(r"(n\d{8})\s")
 
 ClassList = Sequence[str] | str | os.PathLike
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+
 
 def is_wnid(name: str) -> bool:
     """True for an ImageNet WordNet id such as 'n01440764'."""
     return _WNID.fullmatch(name) is not None
+
+
+def is_model_class_order(names: Sequence[str]) -> bool:
+    """True when sorted folder names are the class order models predict: CIFAR-10's names, or ImageNet wnids."""
+    return tuple(names) == CIFAR10_CLASSES or (bool(names) and all(map(is_wnid, names)))
 
 
 def _read_file(path: Path) -> list[str]:

@@ -23,7 +23,7 @@ from scipy.io.matlab import MatReadError
 
 from ..errors import DsqError
 from .classes import ClassList, read_classes
-from .folders import images_under, subfolders
+from .folders import images_in_folders, subfolders
 from .images import LabelledImages, is_image_name
 
 VAL_IMAGE = re.compile(r"ILSVRC2012_val_(\d{8})\.jpe?g", re.IGNORECASE)
@@ -38,13 +38,36 @@ KAGGLE_VAL = Path("ILSVRC", "Data", "CLS-LOC", "val")
 SEARCH_UP = 4  # metadata is looked for in the image folder and this many folders above it (Kaggle's depth)
 
 
+def folders_above(root: Path) -> list[Path]:
+    """`root` and the SEARCH_UP folders above it: as named, then (when `root` is reached through a
+    link) those above the real folder."""
+    named, real = root.absolute(), root.resolve()
+    folders = [named, *named.parents][:SEARCH_UP + 1]
+    return folders + [f for f in [real, *real.parents][:SEARCH_UP + 1] if f not in folders]
+
+
 def find_above(root: Path, *names: str | Path) -> Path | None:
     """The first file `names[i]` found in `root` or one of the SEARCH_UP folders above it."""
-    here = root.absolute()
-    for folder in [here, *here.parents][:SEARCH_UP + 1]:
+    for folder in folders_above(root):
         for name in names:
             if (folder / name).is_file():
                 return folder / name
+    return None
+
+
+def labelled_val_folder(folder: Path) -> bool:
+    """True when `folder` holds ImageNet val images directly and the files that label them are beside or above."""
+    return bool(val_images(folder)) and find_above(
+        folder, KAGGLE_CSV, GROUND_TRUTH, Path(DEVKIT, "data", GROUND_TRUTH), DEVKIT_TAR) is not None
+
+
+def kaggle_val_below(folder: Path) -> Path | None:
+    """Kaggle's val image folder when `folder` is Kaggle's top folder or one inside it on the way there
+    (ILSVRC, Data: not CLS-LOC, whose val/ is told by `labelled_val_folder`)."""
+    for start in range(len(KAGGLE_VAL.parts) - 2):
+        below = folder.joinpath(*KAGGLE_VAL.parts[start:])
+        if below.is_dir():
+            return below
     return None
 
 
@@ -203,15 +226,19 @@ def _devkit(root: Path, numbered: dict[int, str], devkit: Devkit, classes, trans
 
 def _torchvision_root(root: Path, classes, transform) -> LabelledImages | None:
     meta, tar = root / META_BIN, root / DEVKIT_TAR
-    if meta.is_file():
-        known, known_from = read_meta_bin(meta), str(meta)
-    elif tar.is_file():
-        devkit = Devkit.from_tar(tar)
-        known, known_from = list(devkit.id_to_wnid.values()), devkit.meta_name
-    else:
+    if not (meta.is_file() or tar.is_file()):
         return None
     val = root / "val"
-    items = [(path, wnid) for wnid in subfolders(val) for path in images_under(str(val / wnid))]
+    wnids = subfolders(val)
+    if not wnids and val_images(val):
+        raise DsqError(f"{val} holds the ImageNet val images directly, not in <wnid> folders: "
+                       f"did you mean --data {val}?")
+    if meta.is_file():
+        known, known_from = read_meta_bin(meta), str(meta)
+    else:
+        devkit = Devkit.from_tar(tar)
+        known, known_from = list(devkit.id_to_wnid.values()), devkit.meta_name
+    items = [(path, wnid) for wnid, paths in zip(wnids, images_in_folders(val, wnids)) for path in paths]
     if not items:
         raise DsqError(f"found 0 images in {val}: torchvision's ImageNet root holds val/<wnid>/*.JPEG "
                        "(extract ILSVRC2012_img_val.tar there as torchvision.datasets.ImageNet does)")

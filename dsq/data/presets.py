@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -11,6 +12,7 @@ from PIL import Image
 from torchvision import transforms
 
 from ..errors import DsqError
+from .images import to_rgb
 
 INTERPOLATIONS = MappingProxyType({
     "nearest": transforms.InterpolationMode.NEAREST,
@@ -19,36 +21,74 @@ INTERPOLATIONS = MappingProxyType({
 })
 
 
+MAX_SIDE = 1024  # pixels of a resize or crop: above any CNN classifier's input (<= 800), and a batch of 64
+# such 3-channel float images still fits in under 1 GB
+MAX_PIXELS = 4 * 2**20  # the most pixels an image may have after resizing, or uncropped without a resize
+
+
 class _ToRGB:
     """Convert a PIL image to RGB (a class, not a lambda, so DataLoader workers can pickle it)."""
 
     def __call__(self, image: Image.Image) -> Image.Image:
-        return image if image.mode == "RGB" else image.convert("RGB")
+        return image if image.mode == "RGB" else to_rgb(image)
 
     def __repr__(self) -> str:
         return "ToRGB()"
 
 
+@dataclass(frozen=True)
+class _SizeCheck:
+    """Refuses (DsqError) an image that the next steps would turn into more than MAX_PIXELS pixels:
+    one of an extreme aspect ratio (1x20000) resized, or a huge one neither resized nor cropped."""
+
+    resize: int | None
+    crop: int | None
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        width, height = image.size
+        short, long = sorted((width, height))
+        if self.resize is not None and self.resize * self.resize * long > MAX_PIXELS * short:
+            raise DsqError(f"its {width}x{height} pixels resized to {self.resize} on the shorter side would make "
+                           f"over {MAX_PIXELS} pixels: crop it to a usual aspect ratio or remove it")
+        if self.resize is None and self.crop is None and width * height > MAX_PIXELS:
+            raise DsqError(f"its {width}x{height} pixels are over {MAX_PIXELS} and the preset neither resizes nor "
+                           "crops: set --resize/--crop or remove it")
+        return image
+
+
 def _size(field: str, value) -> int | None:
+    """A resize/crop side: None, or a whole number of pixels in 1..MAX_SIDE (digits in a string too)."""
     if value is None:
         return None
-    if isinstance(value, str) and value.strip().isdigit():
+    if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= len(str(MAX_SIDE)):
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise DsqError(f"preset {field} must be a positive whole number of pixels (or none), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_SIDE:
+        raise DsqError(f"preset {field} must be a whole number of pixels from 1 to {MAX_SIDE} (or none), "
+                       f"got {value!r}")
     return int(value)
 
 
+# field -> (its range on the [0, 1] pixel scale, in words; whether a value is in it; an example)
+_CHANNEL_FIELDS = MappingProxyType({
+    "mean": ("from 0 to 1", lambda v: 0 <= v <= 1, "0.485,0.456,0.406"),
+    "std": ("above 0 up to 1", lambda v: 0 < v <= 1, "0.229,0.224,0.225"),
+})
+
+
 def _channels(field: str, value) -> tuple[float, float, float]:
+    """1 or 3 numbers (a list, or a string '0.5,0.4,0.3') as 3 numbers, each in the field's range
+    (NaN and infinity are in none; values on the 0-255 scale are refused)."""
     raw = value.split(",") if isinstance(value, str) else value
     try:
-        numbers_ = tuple(float(v) for v in raw)
-    except (TypeError, ValueError):
+        numbers_ = tuple(float(v) for v in raw if not isinstance(v, bool))
+    except (TypeError, ValueError, OverflowError):
         numbers_ = ()
     if len(numbers_) == 1:
         numbers_ *= 3
-    if len(numbers_) != 3:
-        raise DsqError(f"preset {field} must be 1 or 3 numbers (R,G,B), e.g. 0.485,0.456,0.406; got {value!r}")
+    words, fits, example = _CHANNEL_FIELDS[field]
+    if len(numbers_) != 3 or not all(map(fits, numbers_)):
+        raise DsqError(f"preset {field} must be 1 or 3 numbers (R,G,B) {words} on the [0, 1] pixel scale, "
+                       f"e.g. {example}; got {value!r}")
     return numbers_
 
 
@@ -73,9 +113,9 @@ class Preset:
         set_(self, "crop", _size("crop", self.crop))
         set_(self, "mean", _channels("mean", self.mean))
         set_(self, "std", _channels("std", self.std))
-        if any(s <= 0 for s in self.std):
-            raise DsqError(f"preset std must be positive for every channel, got {self.std}")
-        if self.interpolation not in INTERPOLATIONS:
+        if not isinstance(self.name, str) or not self.name:
+            raise DsqError(f"a preset's name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
             raise DsqError(f"unknown interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
 
     def replace(self, **changes) -> Preset:
@@ -84,7 +124,7 @@ class Preset:
 
     def transform(self) -> transforms.Compose:
         """The torchvision transform: PIL image -> normalised float tensor (3, H, W), RGB."""
-        steps = [_ToRGB()]
+        steps = [_ToRGB(), _SizeCheck(self.resize, self.crop)]
         if self.resize is not None:
             steps.append(transforms.Resize(self.resize, interpolation=INTERPOLATIONS[self.interpolation],
                                            antialias=True))
@@ -94,8 +134,25 @@ class Preset:
         return transforms.Compose(steps)
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready fields; `Preset(**d)` rebuilds it."""
+        """Plain JSON-ready fields; `Preset.from_dict` (or `Preset(**d)`) rebuilds it."""
         return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, fields, where: str = "the preset") -> Preset:
+        """The preset that `to_dict` wrote (e.g. read back from a file), every field validated;
+        DsqError naming `where` when it is not a mapping of exactly these fields or a value is bad."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(fields, Mapping):
+            raise DsqError(f"{where} must be a mapping of {', '.join(names)}; got {type(fields).__name__}")
+        unknown = sorted(set(map(str, fields)) - set(names))
+        missing = [name for name in names if name not in fields and name != "interpolation"]
+        if unknown or missing:
+            what = f"unknown field {unknown[0]!r}" if unknown else f"no {missing[0]!r} field"
+            raise DsqError(f"{where} has {what}: a preset has the fields {', '.join(names)}")
+        try:
+            return cls(**fields)
+        except DsqError as error:
+            raise DsqError(f"{where}: {error}") from None
 
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -9,14 +9,11 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import DsqError
-from .classes import ClassList
+from .classes import CIFAR10_CLASSES, ClassList, is_model_class_order, read_classes
 from .flat import WnidFileDataset, wnid_of
 from .folders import ClassFolderDataset, existing_folder, subfolders
 from .images import LabelledImages, is_image_name
-from .imagenet import open_imagenet
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
+from .imagenet import kaggle_val_below, labelled_val_folder, open_imagenet
 
 # name -> class names; the files are foolbox/data/<name>_<NN>_<label>.<ext>
 DEMO_SETS = {
@@ -77,4 +74,30 @@ def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
             return WnidFileDataset(root, transform, classes)
         raise DsqError(f"found {len(flat)} images in {root} but no class sub-folders or label file: "
                        f"dsq reads {KNOWN_LAYOUTS}")
+    _refuse_folder_above(root, classes)
     return ClassFolderDataset(root, transform, classes)
+
+
+def _datasets_below(root: Path) -> list[Path]:
+    """The folders just below `root` (or Kaggle's val folder inside it) that are themselves datasets:
+    Kaggle's top folder, labelled ImageNet val images, CIFAR-10 or ImageNet wnid class folders."""
+    found = []
+    for name in subfolders(root):
+        folder = root / name
+        inner = subfolders(folder)
+        if kaggle_val_below(folder) or labelled_val_folder(folder) or (inner and is_model_class_order(inner)):
+            found.append(folder)
+    kaggle_val = kaggle_val_below(root)
+    return found or ([kaggle_val] if kaggle_val else [])
+
+
+def _refuse_folder_above(root: Path, classes: ClassList | None) -> None:
+    """DsqError when `root`'s sub-folders are not classes (not the class list's, nor a model's own
+    names) but one of them holds a dataset: --data is one folder too high."""
+    folders = subfolders(root)
+    if is_model_class_order(folders) or (classes is not None and set(folders) <= set(read_classes(classes))):
+        return
+    below = _datasets_below(root)
+    if below:
+        where = " or ".join(f"--data {folder}" for folder in below[:3])
+        raise DsqError(f"{root} is one folder above the images, not one sub-folder per class: did you mean {where}?")

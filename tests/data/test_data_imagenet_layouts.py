@@ -48,8 +48,8 @@ class Val:
         return f"ILSVRC2012_val_{number:08d}.JPEG"
 
     def truth(self) -> dict[str, int]:
-        """Real image path -> its right label."""
-        return {str(f): self.wnids.index(f.name.split("_")[0]) for f in self.images.values()}
+        """Real image path (links resolved, as `labels_by_image` keys: ../shared may be a link) -> its right label."""
+        return {os.path.realpath(f): self.wnids.index(f.name.split("_")[0]) for f in self.images.values()}
 
     def flat(self, folder):
         for number, image in self.images.items():
