@@ -11,7 +11,8 @@ import re
 from torch import nn
 
 from .convert import quantize
-from .resume import ResumableRun
+from .formats.spec import MAX_BITS, MIN_BITS
+from .resume import COUNT, POSITIVE, TEXT, Builder, Check, ResumableRun, equal, whole
 
 FLOAT, ALL = "float", "all quantized"
 ONLY, ALL_BUT = "only ", "all but "
@@ -28,16 +29,28 @@ class Sensitivity(ResumableRun):
     kind = "dsq sensitivity"
     rows_key = "layers"
 
-    def run(self, model: nn.Module, dataset, **options) -> Sensitivity:
-        """Evaluate the float model, the fully quantized one, and two models per quantized layer."""
+    def __init__(self, quant_options: dict, **run_options):
+        super().__init__(quant_options, **run_options)
+        self.layers: list[str] = []  # the quantized layers of the model last run, in network order
+
+    def builders(self, model: nn.Module) -> dict[str, Builder]:
+        """The float model, the fully quantized one, and two models per quantized layer."""
         qmodel, report = quantize(model, **self.quant_options)
+        self.layers = [layer.name for layer in report.quantized_layers]
         builders = {FLOAT: lambda: (model, {}), ALL: lambda: (qmodel, {"bits_per_weight": report.mean_bits_per_weight})}
         for layer in report.quantized_layers:
             facts = {"layer": layer.name, "kind": layer.kind, "params": layer.params, "bits": layer.bits}
             builders[ONLY + layer.name] = lambda facts=facts: (self._only(model, facts["layer"]), facts)
             builders[ALL_BUT + layer.name] = lambda facts=facts: (self._all_but(model, facts["layer"]), {})
-        self.evaluate(builders, dataset, **options)
-        return self
+        return builders
+
+    def facts(self, name: str) -> dict[str, Check] | None:
+        if name.startswith(ONLY):
+            return {"layer": equal(name.removeprefix(ONLY)), "kind": TEXT, "params": COUNT,
+                    "bits": whole(MIN_BITS, MAX_BITS)}
+        if name == ALL:
+            return {"bits_per_weight": POSITIVE}
+        return {} if name == FLOAT or name.startswith(ALL_BUT) else None
 
     def _only(self, model: nn.Module, layer: str) -> nn.Module:
         return quantize(model, **{**self.quant_options, "include": (exact_glob(layer),)})[0]
@@ -47,12 +60,13 @@ class Sensitivity(ResumableRun):
         return quantize(model, **{**self.quant_options, "exclude": exclude})[0]
 
     def rows(self, ranked: bool = True) -> list[dict]:
-        """One row per finished layer: most damaging first (ties in network order), or in network order."""
+        """One finished row per layer of the model last run: most damaging first (ties in network order),
+        or in network order."""
         base, everything = self.results.get(FLOAT), self.results.get(ALL)
         rows = []
-        for name, alone in self.results.items():
-            others = self.results.get(ALL_BUT + name.removeprefix(ONLY))
-            if not name.startswith(ONLY) or None in (base, everything, others):
+        for layer in self.layers:
+            alone, others = self.results.get(ONLY + layer), self.results.get(ALL_BUT + layer)
+            if None in (base, everything, alone, others):
                 continue
             drop, gain = alone["top1"] - base["top1"], others["top1"] - everything["top1"]
             rows.append({"layer": alone["layer"], "kind": alone["kind"], "params": alone["params"],

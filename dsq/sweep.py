@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import torch
@@ -13,13 +14,21 @@ from torch import nn
 
 from .calibration import calibrate
 from .convert import quantize, state_bytes
-from .resume import ResumableRun
+from .fingerprint import tensor_digest
+from .formats.spec import MAX_BITS, MIN_BITS
+from .resume import COUNT, POSITIVE, SECONDS, Builder, Check, ResumableRun, as_json, equal
 
 FLOAT = "float"
 
 
 def point_name(bits: int, block: int) -> str:
     return f"{bits}b/{block}"
+
+
+def point_of(name: str) -> tuple[int, int] | None:
+    """(bits, block) of a `point_name`; None for any other name."""
+    match = re.fullmatch(r"([1-9][0-9]?)b/([1-9][0-9]{0,8})", name)
+    return (int(match[1]), int(match[2])) if match and MIN_BITS <= int(match[1]) <= MAX_BITS else None
 
 
 class Sweep(ResumableRun):
@@ -39,13 +48,29 @@ class Sweep(ResumableRun):
     def grid(self) -> list[tuple[int, int]]:
         return [(bits, block) for bits in self.bits for block in self.blocks]
 
-    def run(self, model: nn.Module, dataset, **options) -> Sweep:
-        """Evaluate the float model and every point not done yet (`options` go to `evaluate`)."""
+    def builders(self, model: nn.Module) -> dict[str, Builder]:
+        """The float model, then every point of the grid."""
         builders = {FLOAT: lambda: (model, {"bits_per_weight": 32.0, "size_bytes": state_bytes(model)})}
         for bits, block in self.grid:
             builders[point_name(bits, block)] = lambda bits=bits, block=block: self._quantize(model, bits, block)
-        self.evaluate(builders, dataset, **options)
-        return self
+        return builders
+
+    def facts(self, name: str) -> dict[str, Check] | None:
+        if name == FLOAT:
+            return {"bits_per_weight": equal(32.0), "size_bytes": COUNT}
+        point = point_of(name)
+        if point is None:
+            return None
+        return {"bits": equal(point[0]), "block": equal(point[1]), "bits_per_weight": POSITIVE, "size_bytes": COUNT,
+                "compression": POSITIVE, "quantize_seconds": SECONDS}
+
+    def inputs(self, model: nn.Module, dataset, indices: Sequence[int]) -> dict:
+        """The model's and images' digests, and the calibration images' and options' (None without)."""
+        calibration = None
+        if self.calibration is not None:
+            images, options = self.calibration
+            calibration = {"images": tensor_digest(images), "options": as_json(options)}
+        return {**super().inputs(model, dataset, indices), "calibration": calibration}
 
     def _quantize(self, model: nn.Module, bits: int, block: int) -> tuple[nn.Module, dict]:
         qmodel, report = quantize(model, bits=bits, block=block, **self.quant_options)

@@ -7,12 +7,13 @@ from ..data import check_labels
 from ..errors import DsqError
 from ..models import load_model
 from ..calibration import calibration_set
-from .options import calib_kwargs, dataset_from, preset_from, stack
+from .options import OutputStem, calib_kwargs, dataset_from, preset_from, stack
 
 
 def run_options(default_output: str):
     return stack(
-        click.option("-o", "--output", default=default_output, show_default=True, metavar="STEM",
+        click.option("-o", "--output", type=OutputStem("json", "csv", "png"), default=default_output,
+                     show_default=True, metavar="STEM",
                      help="Write STEM.json, STEM.csv and STEM.png; STEM.json is also where an interrupted run "
                           "resumes from."),
         click.option("--resume/--no-resume", default=True, show_default=True,
@@ -44,8 +45,9 @@ def load_model_and_data(o: dict):
 
 
 def announce(run) -> None:
-    if run.resumed:
-        click.echo(f"resuming {run.path('json')}: {run.resumed} models already evaluated there", err=True)
+    """Have `run` say how many models it resumes from STEM.json, once it has checked them."""
+    run.on_resume = lambda run: click.echo(f"resuming {run.path('json')}: {run.resumed} models already evaluated "
+                                           "there", err=True)
 
 
 def finish(run, plot) -> None:
