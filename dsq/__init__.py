@@ -5,12 +5,32 @@
     dsq.calibrate(model, qmodel, report, images)     # optional: unlabelled images (N, 3, H, W)
     dsq.save("model.dsq", qmodel, report, arch="resnet50")
     qmodel, recipe = dsq.load("model.dsq")
+
+`import dsq` is light: torch and the rest load on first use of these names (PEP 562), so the
+`dsq` command starts at once and answers Ctrl-C during its imports.
 """
-__version__ = "0.1.0"  # before the imports: the artifact module writes it into files
+from importlib import import_module
+from importlib.util import find_spec
 
-from .artifact import load, save  # noqa: E402
-from .calibration import calibrate  # noqa: E402
-from .convert import QuantReport, quantize  # noqa: E402
-from .errors import DsqError  # noqa: E402
+from ._version import __version__
 
-__all__ = ["quantize", "calibrate", "QuantReport", "DsqError", "load", "save", "__version__"]
+_LAZY = {"quantize": ".convert", "QuantReport": ".convert", "calibrate": ".calibration",
+         "load": ".artifact", "save": ".artifact", "DsqError": ".errors"}
+
+__all__ = [*_LAZY, "__version__"]
+
+
+def __getattr__(name: str):
+    """The public names and the submodules (`dsq.models`, ...), imported on first use."""
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+    elif not name.startswith("_") and find_spec(f"{__name__}.{name}") is not None:
+        value = import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted({*globals(), *_LAZY})

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from . import __version__
+from ._version import __version__
 from .calibration import DEFAULT_CALIB_IMAGES, calibrate, calibration_set
 from .convert import QuantReport, quantize
 from .data import check_labels

@@ -1,4 +1,38 @@
-"""The command-line interface: thin click commands over the library."""
-from .main import cli, main
+"""The command-line interface: thin click commands over the library.
+
+`main`, the `dsq` console script, imports the commands (and torch: seconds) only when it runs,
+inside its handler of Ctrl-C: an interrupted command ends in one line and exit code 130 at any
+moment, never a traceback.
+"""
+import sys
+
+INTERRUPTED = 130  # 128 + SIGINT: what shells report for a command stopped by Ctrl-C
+
+
+def exit_interrupted():
+    """End the process as Ctrl-C should: one line, exit code 130 (files being written are removed
+    on the way out, by their own handlers)."""
+    print("Error: interrupted", file=sys.stderr)
+    sys.exit(INTERRUPTED)
+
+
+def main():
+    """The `dsq` console script (and `python -m dsq`)."""
+    try:
+        from .main import main as run_cli
+
+        run_cli()
+    except KeyboardInterrupt:
+        exit_interrupted()
+
+
+def __getattr__(name: str):
+    """`cli`, the click group, imported on first use."""
+    if name != "cli":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .main import cli
+
+    return cli
+
 
 __all__ = ["cli", "main"]

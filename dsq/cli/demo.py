@@ -29,7 +29,8 @@ def demo_command(o):
     show_run(run, quiet=o["quiet"])
     click.echo(
         f"\nNote: {len(dataset)} images only, so each image moves top-1 by {100 / len(dataset):.0f} points. "
-        "For real figures evaluate on ImageNet val sorted into one folder per wnid:\n"
+        "For real figures evaluate on ImageNet val as Kaggle, the devkit or torchvision lay it out "
+        "(dsq detects the layout):\n"
         f"  dsq quantize {DEMO_MODEL} --bits {o['bits']} --block {o['block']} --data /path/to/imagenet/val")
     if o["json_path"]:
         write_json(o["json_path"], run.to_dict())

@@ -4,10 +4,11 @@ from __future__ import annotations
 import click
 
 from .. import artifact, report
-from ..data import check_labels, get_preset
+from ..data import Preset, check_labels, get_preset
 from ..evaluate import evaluate
 from ..fileio import write_json
 from ..models import load_model
+from ..models.registry import get_arch
 from ..nn import set_backend
 from ..workflow import versions
 from .options import (backend_option, data_options, dataset_from, eval_kwargs, model_options, output_options,
@@ -24,13 +25,13 @@ def eval_command(o):
     """Evaluate MODEL (a weights file, a model name, or a quantized dsq file) on --data."""
     if artifact.is_dsq_file(o["model"]):
         model, recipe = artifact.load(o["model"])
-        preset_name, num_classes, kind = recipe["preset"]["name"], recipe["num_classes"], "quantized"
+        model_preset, num_classes, kind = file_preset(o["model"], recipe), file_classes(recipe), "quantized"
     else:
         loaded = load_model(o["model"], o["arch"], o["trust_pickle"])
-        model, preset_name, num_classes, kind = loaded.model, loaded.preset, loaded.num_classes, "float"
+        model, model_preset, num_classes, kind = loaded.model, loaded.preset, loaded.num_classes, "float"
     if o["backend"] != "simulate":
         set_backend(model, o["backend"])
-    preset = preset_from(o, preset_name) if o["preset"] or preset_name else get_preset("imagenet")
+    preset = preset_from(o, model_preset)
     dataset = dataset_from(o, preset)
     click.echo(f"data: {dataset.describe()}", err=True)
     check_labels(dataset, num_classes)
@@ -40,3 +41,17 @@ def eval_command(o):
         write_json(o["json_path"], {"model": o["model"], "kind": kind, "data": dataset.describe(),
                                     "accuracy": results[kind].to_dict(), "versions": versions()})
         click.echo(f"wrote {o['json_path']}")
+
+
+def file_preset(path: str, recipe: dict) -> Preset:
+    """The preprocessing a dsq file's model was quantized with: its recipe's, overrides included,
+    else (a file saved from Python without one) its architecture's."""
+    if recipe.get("preset") is None:
+        return get_preset(get_arch(recipe["arch"]).preset)
+    return Preset.from_dict(recipe["preset"], where=f"the preset in {path}")
+
+
+def file_classes(recipe: dict) -> int:
+    """The number of classes of a loaded dsq file's model: its recipe's, else its architecture's
+    (what `artifact.load` built it with)."""
+    return recipe.get("num_classes") or get_arch(recipe["arch"]).num_classes

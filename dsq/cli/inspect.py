@@ -5,13 +5,16 @@ import click
 
 from .. import artifact, report
 from ..fileio import write_json
+from .options import InputPath, OutputFile, pass_options
 
 
 @click.command("inspect")
-@click.argument("file", type=click.Path(dir_okay=False))
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the recipe and sizes as JSON here.")
-def inspect_command(file, json_path):
+@click.argument("file", type=InputPath(dir_okay=False))
+@click.option("--json", "json_path", type=OutputFile(), help="Write the recipe and sizes as JSON here.")
+@pass_options
+def inspect_command(o):
     """Show how FILE (a quantized dsq model) was made and what each layer takes in it."""
+    file, json_path = o["file"], o["json_path"]
     recipe, sizes = artifact.read_recipe(file), artifact.file_sizes(file)
     click.echo(report.recipe_summary(recipe))
     click.echo()

@@ -7,8 +7,10 @@ import os
 import click
 
 from ..convert import DEFAULT_DEPTHWISE_BITS, DEFAULT_SCALE_DTYPE, SCALE_DTYPES
-from ..data import get_preset, open_dataset
-from ..fileio import check_writable
+from ..data import Preset, get_preset, open_dataset
+from ..data.folders import existing_folder
+from ..errors import DsqError
+from ..fileio import check_outputs
 from ..formats import DEFAULT_ROUNDS, DEFAULT_SUM_WEIGHT, LAYOUTS, METHODS
 from ..formats.spec import MAX_BITS, MIN_BITS
 from ..calibration import DEFAULT_CALIB_IMAGES, DEFAULT_FIT_IMAGES, DEFAULT_STEPS
@@ -58,8 +60,51 @@ class IntList(click.ParamType):
         return list(dict.fromkeys(map(int, parts)))
 
 
+class InputPath(click.Path):
+    """A file or folder the command reads: no output may overwrite it or lie in it."""
+
+    def check(self, value: str, param: click.Parameter) -> None:
+        """DsqError now, before any work, if `value` cannot be what the command reads (none here)."""
+
+
+class InputFolder(InputPath):
+    """A folder of images the command reads: it must exist and hold something."""
+
+    def check(self, value: str, param: click.Parameter) -> None:
+        folder = existing_folder(value)
+        with os.scandir(folder) as entries:
+            if all(entry.name.startswith(".") for entry in entries):
+                raise DsqError(f"{param.opts[0]} folder {folder} is empty: it holds no images")
+
+
+class Outputs:
+    """A parameter naming files the command writes."""
+
+    def files(self, value: str) -> list[str]:
+        return [value]
+
+
+class OutputFile(Outputs, click.Path):
+    """A file the command writes."""
+
+    def __init__(self):
+        super().__init__(dir_okay=False)
+
+
+class OutputStem(Outputs, click.ParamType):
+    """STEM of the files STEM.EXT the command writes, one per extension."""
+
+    name = "STEM"
+
+    def __init__(self, *extensions: str):
+        self.extensions = extensions
+
+    def files(self, value: str) -> list[str]:
+        return [f"{value}.{extension}" for extension in self.extensions]
+
+
 model_options = stack(
-    click.argument("model"),
+    click.argument("model", type=InputPath()),
     click.option("--arch", help="Architecture of a weights file, when its name does not say it "
                                 "(e.g. resnet50, cifar_resnet20, efficientnet_lite0)."),
     click.option("--trust-pickle", is_flag=True, default=False, show_default=True,
@@ -130,7 +175,7 @@ def quant_kwargs(o: dict) -> dict:
 
 
 calib_options = stack(
-    click.option("--calib", type=click.Path(), default=None,
+    click.option("--calib", type=InputFolder(), default=None,
                  help="Folder of unlabelled images to calibrate on (any images, sub-folders too; labels ignored). "
                       "Images it shares with --data are left out of the evaluation."),
     click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
@@ -171,10 +216,10 @@ def calib_kwargs(o: dict) -> dict | None:
 
 def data_options(required: bool):
     return stack(
-        click.option("--data", "data", type=click.Path(), required=required,
+        click.option("--data", "data", type=InputFolder(), required=required,
                      help="Labelled images: one sub-folder per class, or ImageNet val as Kaggle, the devkit or "
                           "torchvision lay it out (the layout is detected and named)."),
-        click.option("--classes", type=click.Path(),
+        click.option("--classes", type=InputPath(),
                      help="Text file of class names in the model's output order, one per line "
                           "(needed for wnid folders when not all 1000 are present, and for Kaggle's CSV)."),
         click.option("--limit", type=click.IntRange(min=1), default=None,
@@ -192,9 +237,12 @@ def data_options(required: bool):
     )
 
 
-def preset_from(o: dict, model_preset: str):
-    return get_preset(o["preset"] or model_preset).replace(
-        resize=o["resize"], crop=o["crop"], mean=o["mean"], std=o["std"])
+def preset_from(o: dict, model_preset: str | Preset) -> Preset:
+    """--preset, else the model's preset (a name, or the Preset a dsq file holds), with --resize,
+    --crop, --mean and --std applied."""
+    if o["preset"] or isinstance(model_preset, str):
+        model_preset = get_preset(o["preset"] or model_preset)
+    return model_preset.replace(resize=o["resize"], crop=o["crop"], mean=o["mean"], std=o["std"])
 
 
 def dataset_from(o: dict, preset):
@@ -211,21 +259,32 @@ def eval_kwargs(o: dict) -> dict:
 quiet_option = click.option("-q", "--quiet", is_flag=True, default=False, help="No progress bars or per-layer table.")
 
 output_options = stack(
-    click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write all results as JSON here."),
+    click.option("--json", "json_path", type=OutputFile(), help="Write all results as JSON here."),
     quiet_option,
 )
 
 
-OUTPUT_KEYS = ("output", "json_path", "csv_path", "plot_path")
-
-
 def pass_options(f):
-    """Collect every option into one dict argument `o` (commands read what they need), after
-    checking that every output file named can be written, so no work is lost at the end."""
+    """Collect every option into one dict argument `o` (commands read what they need), after the
+    cheap checks that spare a doomed run its work: the input folders hold something, and every
+    output can be written without destroying an input or another output (`fileio.check_outputs`)."""
     @functools.wraps(f)
     def wrapper(**o):
-        for key in OUTPUT_KEYS:
-            if o.get(key):
-                check_writable(o[key])
+        check_paths(click.get_current_context().command.params, o)
         return f(o)
     return wrapper
+
+
+def check_paths(params: list[click.Parameter], o: dict) -> None:
+    """Check the inputs and outputs that the parameters of type InputPath and Outputs name."""
+    inputs, outputs = [], []
+    for param in params:
+        value = o.get(param.name)
+        if value is None:
+            continue
+        if isinstance(param.type, InputPath):
+            param.type.check(value, param)
+            inputs.append(value)
+        elif isinstance(param.type, Outputs):
+            outputs += param.type.files(value)
+    check_outputs(outputs, inputs)

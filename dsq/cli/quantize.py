@@ -11,7 +11,8 @@ from ..fileio import write_json
 from ..models import load_model
 from ..workflow import quantize_and_evaluate
 from .options import (backend_option, calib_kwargs, calib_options, data_options, dataset_from, eval_kwargs,
-                      format_options, model_options, output_options, pass_options, preset_from, quant_kwargs)
+                      format_options, model_options, output_options, OutputFile, pass_options, preset_from,
+                      quant_kwargs)
 
 LOW_FLOAT_WARNING = 15.0  # points below the published top-1 that suggest wrong preprocessing or labels
 
@@ -21,7 +22,7 @@ LOW_FLOAT_WARNING = 15.0  # points below the published top-1 that suggest wrong 
 @format_options
 @data_options(required=False)
 @calib_options
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
+@click.option("-o", "--output", type=OutputFile(),
               help="Write the quantized model here (a safetensors file dsq loads again).")
 @backend_option
 @output_options
