@@ -1,4 +1,4 @@
-"""Distillation adaptation (spec section 4): the float network teaches the quantized one on
+"""Distillation adaptation (docs/method.md §6): the float network teaches the quantized one on
 unlabelled images; only the float parts learn (KDS, biases, BatchNorm's affine), and, with
 weights="ste", the integers through a straight-through latent weight, or with weights="learned"
 each weight's rounding down or up (AdaRound)."""

@@ -1,4 +1,4 @@
-"""The "int" backend: DSConv layers computed with integer dot products (spec section 3).
+"""The "int" backend: DSConv layers computed with integer dot products (docs/method.md §5).
 
     out[o, p] = sum over units u of  alpha_u[o] * step_u[p] * sum_c q[o, c, tap_u] * mant[c, p + tap_u]
 
