@@ -9,7 +9,7 @@ import resource
 import pytest
 import torch
 import torch.nn as nn
-from dsq_cli_testkit import RESNET20, need
+from dsq_cli_testkit import CIFAR, RESNET20, need
 
 import dsq
 import dsq.models
@@ -25,6 +25,7 @@ def _limit_address_space():
 def test_huge_block_fits_in_memory(installed_dsq, tmp_path):
     """A block longer than every layer is the whole layer: quantizing costs what block = layer costs."""
     result = installed_dsq("quantize", need(RESNET20), "--block", "1000000", "-o", tmp_path / "m.dsq",
+                           "--data", need(CIFAR), "--limit", "200",
                            preexec_fn=_limit_address_space, timeout=240)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and (tmp_path / "m.dsq").stat().st_size > 0
