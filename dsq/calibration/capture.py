@@ -1,5 +1,6 @@
 """See each conv/linear layer's actual call: the input its F.conv2d / F.linear receives (after
 the layer's own padding and BFP rounding), in execution order, and the output it returns."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torch.overrides import TorchFunctionMode
 
-from ..nn.int_backend import _padding
+from ..nn.geometry import pad_amounts
 
 KERNELS = (F.conv2d, F.linear)
 
@@ -49,7 +50,7 @@ class Call:
             return self.input.reshape(-1, self.input.shape[-1]).T[None]
         o = self.options
         kernel = self.layer.weight.shape[-2:]
-        x = F.pad(self.input, _padding(o["padding"], kernel, _pair(o["dilation"])))
+        x = F.pad(self.input, pad_amounts(o["padding"], kernel, _pair(o["dilation"])))
         cols = F.unfold(x, kernel, dilation=o["dilation"], stride=o["stride"])  # (N, C*kh*kw, L)
         groups = o["groups"]
         return cols.unflatten(1, (groups, -1)).permute(1, 2, 0, 3).flatten(2)
@@ -91,8 +92,7 @@ def route_calls(model: nn.Module, handler: Callable[[Call], torch.Tensor], layer
     def leave(module, args, output):
         router.current = None
 
-    hooks = [h for m in layers.values()
-             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    hooks = [h for m in layers.values() for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     try:
         with router:
             yield

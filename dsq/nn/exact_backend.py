@@ -9,6 +9,7 @@ float64 too), whereas the simulation's float32 sums depend on their order. Layer
 input (the image) are computed in float64 as well. Inference only, like int: set_backend refuses a
 trainable model.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ images; against the float32 simulation a free-running network drifts where a val
 float rounding of a BFP rounding boundary (docs/integer-backend.md), which moves about one
 prediction in a thousand.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,26 +21,27 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsq
-import zoo
 from dsq.formats import ActFormat, WeightFormat, bfp_encode
-from dsq.nn import DSConv2d, DSConvMixin, int_backend, set_backend, to_dsconv
+from dsq.nn import DSConv2d, DSConvMixin, int_kernel, set_backend, to_dsconv
 from dsq.nn.exact_backend import ExactWeight
-from dsq.nn.int_backend import IntWeight, check_int_device
+from dsq.nn.int_backend import IntWeight
+from dsq.nn.int_plan import check_int_device
+
+import zoo
 
 TOL = 1e-5
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).abs().max() / ref.abs().max()).item()
 
 
-def run(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
-    """The output of `model` on `x` under `backend`; the model is left on simulate."""
-    set_backend(model, backend)
+def run(model: nn.Module, x: torch.Tensor, backend: str, kernel: str = "auto") -> torch.Tensor:
+    """The output of `model` on `x` under `backend` (int with `kernel`); the model is left on simulate."""
+    set_backend(model, backend, kernel=kernel)
     try:
         with torch.inference_mode():
             return model(x)
@@ -47,23 +49,23 @@ def run(model: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
         set_backend(model, "simulate")
 
 
-def run_both(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def run_both(model: nn.Module, x: torch.Tensor, kernel: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """(int output, simulated output) of the same model on the same input."""
-    return run(model, x, "int"), run(model, x, "simulate")
+    return run(model, x, "int", kernel), run(model, x, "simulate")
 
 
 @pytest.fixture(params=["kernel", "eager"])
-def path(request, monkeypatch):
-    """Run the int backend with the CPU kernel where it applies, or on the eager path only."""
-    if request.param == "kernel" and int_backend.cpu_kernel() is None:
+def path(request) -> str:
+    """The int backend's kernel choice (set_backend's `kernel`): "auto", the CPU kernel where it
+    applies, or "eager", the eager path only."""
+    if request.param == "kernel" and not int_kernel.cpu_kernel_available():
         pytest.skip("the CPU kernel does not run here (it needs AVX-512 and a C++ compiler)")
-    monkeypatch.setattr(int_backend, "KERNEL", request.param == "kernel")
-    return request.param
+    return "auto" if request.param == "kernel" else "eager"
 
 
-def assert_int_is_exact(layer: nn.Module, x: torch.Tensor) -> None:
+def assert_int_is_exact(layer: nn.Module, x: torch.Tensor, kernel: str = "auto") -> None:
     """The int output equals the exact one bit for bit, and the simulated one to TOL."""
-    out, ref = run_both(layer, x)
+    out, ref = run_both(layer, x, kernel)
     assert out.shape == ref.shape
     assert rel_err(out, ref) <= TOL
     assert torch.equal(out, run(layer, x, "exact"))
@@ -114,17 +116,17 @@ CONV_CASES = {
 @pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
 def test_conv_layer_types(case, path):
     layer = conv(**case)
-    assert_int_is_exact(layer, activations(2, case["c"], 9, 8))
+    assert_int_is_exact(layer, activations(2, case["c"], 9, 8), path)
     ungrouped_channel_blocks = case.get("groups", 1) == 1 and layer.layout.kind == "channel"
-    assert (layer._int_plan.kernel is not None) == (path == "kernel" and ungrouped_channel_blocks)
+    assert (layer._int_plan.kernel is not None) == (path == "auto" and ungrouped_channel_blocks)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("act_bits", range(2, 9))
 def test_every_weight_and_mantissa_width(bits, act_bits, path):
     layer = conv(40, 16, 3, padding=1, wf=WeightFormat(bits=bits, block=16), af=ActFormat(act_bits, 16))
-    assert_int_is_exact(layer, activations(2, 40, 6, 6, seed=bits * 10 + act_bits))
-    if path == "kernel":  # 8-bit weights run as two planes of 4-bit ones
+    assert_int_is_exact(layer, activations(2, 40, 6, 6, seed=bits * 10 + act_bits), path)
+    if path == "auto":  # 8-bit weights run as two planes of 4-bit ones
         assert layer._int_plan.kernel.weight.shape[2] == (2 if layer.vqk.abs().max() > 64 else 1)
 
 
@@ -132,7 +134,7 @@ def test_every_weight_and_mantissa_width(bits, act_bits, path):
 @pytest.mark.parametrize("groups", [1, 4])
 def test_weight_and_activation_blocks_of_any_size(block, act_block, groups, path):
     layer = conv(40, 8, 3, padding=1, groups=groups, wf=WeightFormat(block=block), af=ActFormat(block=act_block))
-    assert_int_is_exact(layer, activations(2, 40, 5, 5))
+    assert_int_is_exact(layer, activations(2, 40, 5, 5), path)
 
 
 @pytest.mark.parametrize("shape", [(5, 40), (2, 3, 40), (40,)])
@@ -140,14 +142,15 @@ def test_linear_is_a_1x1_conv(shape, path):
     torch.manual_seed(0)
     layer = to_dsconv(nn.Linear(40, 10), WeightFormat(block=16), ActFormat(block=16))
     x = torch.randn(*shape) * 3
-    out, _ = run_both(layer, x)
+    out, _ = run_both(layer, x, path)
     assert out.shape == (*shape[:-1], 10)
-    assert_int_is_exact(layer, x)
+    assert_int_is_exact(layer, x, path)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
-@pytest.mark.parametrize("case", [*CONV_CASES.values(), dict(c=3, o=16, k=3, padding=1, af=None)],
-                         ids=[*CONV_CASES.keys(), "float input"])
+@pytest.mark.parametrize(
+    "case", [*CONV_CASES.values(), dict(c=3, o=16, k=3, padding=1, af=None)], ids=[*CONV_CASES.keys(), "float input"]
+)
 def test_exact_agrees_with_simulate_on_a_layer(case):
     layer = conv(**case)
     x = activations(2, case["c"], 9, 8)
@@ -213,7 +216,7 @@ def test_subclass_that_calls_conv2d_itself(groups, path):
     x = torch.randn(2, 3, 12, 12)
     with torch.inference_mode():
         layer_input = qmodel[0](x)
-    assert_int_is_exact(qmodel[1], layer_input)
+    assert_int_is_exact(qmodel[1], layer_input, path)
 
 
 def test_eager_products_go_through_int_mm(monkeypatch):
@@ -225,42 +228,103 @@ def test_eager_products_go_through_int_mm(monkeypatch):
 
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", spy)
-    monkeypatch.setattr(int_backend, "KERNEL", False)
     layer = conv(64, 16, 3, padding=1)  # 2 blocks x 9 taps
-    out, ref = run_both(layer, activations(1, 64, 5, 5))
+    out, ref = run_both(layer, activations(1, 64, 5, 5), "eager")
     assert calls == [(torch.int8, torch.int8)] * 18
     assert rel_err(out, ref) <= TOL
 
 
+class OpSpy(TorchDispatchMode):
+    """Records the ops that run while it is active, with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+    def args_of(self, op) -> list[tuple]:
+        return [args for func, args in self.calls if func is op]
+
+
 def test_kernel_runs_a_conv_in_one_call(monkeypatch):
-    """With the CPU kernel, an ungrouped conv is one call into it, with int8 weights, and no
-    integer product runs in torch."""
-    kernel = int_backend.cpu_kernel()
-    if kernel is None:
+    """With the CPU kernel, an ungrouped conv is one call of the op dsq::int_conv, with int8
+    weights, and no integer product runs in torch."""
+    if not int_kernel.cpu_kernel_available():
         pytest.skip("the CPU kernel does not run here")
-    calls = []
-
-    class Spy:
-        def conv(self, *args):
-            calls.append(args[1].dtype)
-            return kernel.conv(*args)
-
-    monkeypatch.setattr(int_backend, "cpu_kernel", lambda: Spy())
     monkeypatch.setattr(torch, "_int_mm", None)
     layer = conv(64, 16, 3, padding=1)
-    out, ref = run_both(layer, activations(1, 64, 5, 5))
-    assert calls == [torch.int8]
-    assert rel_err(out, ref) <= TOL
+    x = activations(1, 64, 5, 5)
+    set_backend(layer, "int")
+    with torch.inference_mode(), OpSpy() as spy:
+        out = layer(x)
+    assert [args[1].dtype for args in spy.args_of(torch.ops.dsq.int_conv.default)] == [torch.int8]
+    assert rel_err(out, run(layer, x, "simulate")) <= TOL
+
+
+KERNEL_CASES = {
+    "3x3": dict(c=40, o=24, k=3, padding=1),
+    "stride 2, 8-bit weights": dict(c=64, o=32, k=3, stride=2, padding=(2, 1), wf=WeightFormat(bits=8)),
+    "ragged block, 2-bit mantissas": dict(c=20, o=8, k=1, wf=WeightFormat(block=8), af=ActFormat(2, 8)),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", KERNEL_CASES.values(), ids=KERNEL_CASES.keys())
+def test_kernel_op_equals_its_reference(case, channels_last):
+    """dsq::int_conv's C++ kernel and its eager reference (int_kernel.int_conv_reference), on the
+    same arguments: the same output bit for bit; and its meta implementation gives the shape."""
+    if not int_kernel.cpu_kernel_available():
+        pytest.skip("the CPU kernel does not run here")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("dsq::int_conv", "CPU")  # the C++, over the reference
+    layer = conv(**case)
+    x = activations(2, case["c"], 9, 8)
+    set_backend(layer, "int")
+    with torch.inference_mode(), OpSpy() as spy:
+        layer(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    (args,) = spy.args_of(torch.ops.dsq.int_conv.default)
+    with torch.inference_mode():
+        out = torch.ops.dsq.int_conv(*args)
+        assert torch.equal(int_kernel.int_conv_reference(*args), out)
+        meta = torch.ops.dsq.int_conv(*(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args))
+    assert meta.shape == out.shape
+
+
+def test_kernel_choice_is_an_argument(monkeypatch, one_line_dsq_error):
+    """set_backend(..., kernel="eager") takes the eager path, "auto" the kernel where it runs (not
+    with DSQ_INT_KERNEL=0); the layer's plan follows a change of choice."""
+    layer = conv(40, 16, 3, padding=1)
+    x = activations(2, 40, 6, 6)
+    eager = run(layer, x, "int", "eager")
+    assert layer._int_plan.kernel is None and layer._int_plan.int_kernel == "eager"
+    assert torch.equal(run(layer, x, "int", "auto"), eager)
+    assert (layer._int_plan.kernel is not None) == int_kernel.cpu_kernel_available()
+    monkeypatch.setenv("DSQ_INT_KERNEL", "0")
+    layer = conv(40, 16, 3, padding=1)
+    assert torch.equal(run(layer, x, "int", "auto"), eager) and layer._int_plan.kernel is None
+    assert "unknown int kernel 'fast'" in one_line_dsq_error(set_backend, layer, "int", kernel="fast")
+
+
+def test_kernel_source_ships_with_the_package_and_keys_its_build():
+    """The C++ source is a package file (package data in pyproject.toml), and the build's name
+    holds the torch version and the source's hash, so that changing either builds afresh."""
+    assert int_kernel.SOURCE.is_file() and int_kernel.SOURCE.parent.name == "csrc"
+    name = int_kernel.build_name()
+    assert name.isidentifier() and torch.__version__.split("+")[0].replace(".", "_") in name
+    assert '"dsq.nn" = ["csrc/*.cpp"]' in (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
 
 
 def test_without_a_compiler_the_eager_path_runs(monkeypatch):
+    monkeypatch.delenv("DSQ_INT_KERNEL", raising=False)
     import torch.utils.cpp_extension
 
     def fail(*args, **kwargs):
         raise RuntimeError("no compiler here\nsecond line")
 
-    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", fail)
-    monkeypatch.setattr(int_backend, "_kernel_module", None)
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fail)
+    monkeypatch.setattr(int_kernel, "_built", None)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     layer = conv(40, 16, 3, padding=1)
     with pytest.warns(RuntimeWarning, match=r"could not be built \(no compiler here\); .* eager path"):
@@ -275,8 +339,7 @@ def test_kernel_bfp_encoding_equals_bfp_encode():
     """The kernel's own BFP encoder against dsq.formats.bfp_encode: ties at half a step (rounded
     to even), powers of two at block peaks, zero and subnormal blocks, clamping; a contiguous and
     a channels-last input; ragged blocks; zero padding."""
-    kernel = int_backend.cpu_kernel()
-    if kernel is None:
+    if not int_kernel.cpu_kernel_available():
         pytest.skip("the CPU kernel does not run here")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 40, 5, 19, generator=g) * torch.exp2(torch.randint(-20, 20, (2, 1, 5, 19), generator=g).float())
@@ -287,10 +350,10 @@ def test_kernel_bfp_encoding_equals_bfp_encode():
     pads = [1, 2, 0, 3]
     for bits, block, run in [(8, 16, 16), (4, 16, 16), (2, 5, 8), (8, 64, 40)]:
         mant, step = bfp_encode(x.permute(0, 2, 3, 1), ActFormat(bits, block), dim=-1)
-        mant = F.pad(int_backend._fit_last(mant.int() + 128, run, 128), (0, 0, 0, 0, *pads), value=128)
+        mant = F.pad(int_kernel.fit_last(mant.int() + 128, run, 128), (0, 0, 0, 0, *pads), value=128)
         step = F.pad(step.squeeze(-1), (0, 0, *pads))
         for layout in (torch.contiguous_format, torch.channels_last):
-            u, s = kernel.bfp_encode_u8(x.contiguous(memory_format=layout), bits, block, run, pads)
+            u, s = torch.ops.dsq.bfp_encode_u8(x.contiguous(memory_format=layout), bits, block, run, pads)
             assert torch.equal(u.int(), mant.flatten(-2)), (bits, block, layout)
             assert torch.equal(s, step), (bits, block, layout)
 
@@ -299,9 +362,9 @@ def test_int_is_the_same_for_any_batch(path):
     """Sums in float64, rounded once: an image gets the same output bit for bit in any batch."""
     layer = conv(40, 16, 3, padding=1)
     x = activations(5, 40, 6, 6)
-    set_backend(layer, "int")
+    set_backend(layer, "int", kernel=path)
     with torch.inference_mode():
-        assert torch.equal(torch.cat([layer(x[i:i + 1]) for i in range(5)]), layer(x))
+        assert torch.equal(torch.cat([layer(x[i : i + 1]) for i in range(5)]), layer(x))
 
 
 @pytest.mark.parametrize("out_channels", [16, 24])  # 24: the kernel computes 32 and cuts
@@ -310,7 +373,7 @@ def test_output_memory_format_follows_the_input(kernel, stride, padding, out_cha
     """Dense outputs, as torch's conv gives: a later BatchNorm rounds a strided view differently."""
     layer = conv(40, out_channels, kernel, stride=stride, padding=padding)
     x = activations(2, 40, 7, 6)
-    set_backend(layer, "int")
+    set_backend(layer, "int", kernel=path)
     with torch.inference_mode():
         out = layer(x)
         out_cl = layer(x.contiguous(memory_format=torch.channels_last))
@@ -389,8 +452,11 @@ def test_wrong_input_channels_fail_like_conv2d():
 def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """The input each DSConv layer with a BFP input sees when the (simulated) model runs on x."""
     seen = {}
-    hooks = [m.register_forward_pre_hook(lambda m, args, n=n: seen.__setitem__(n, args[0]))
-             for n, m in model.named_modules() if getattr(m, "act_format", None) is not None]
+    hooks = [
+        m.register_forward_pre_hook(lambda m, args, n=n: seen.__setitem__(n, args[0]))
+        for n, m in model.named_modules()
+        if getattr(m, "act_format", None) is not None
+    ]
     with torch.inference_mode():
         model(x)
     for h in hooks:
@@ -398,14 +464,14 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
     return seen
 
 
-def assert_every_layer_matches(model: nn.Module, x: torch.Tensor) -> None:
+def assert_every_layer_matches(model: nn.Module, x: torch.Tensor, kernel: str = "auto") -> None:
     """Each layer under int against its exact output and the simulated one, on the same input:
     the model's own activations."""
     layers = dict(model.named_modules())
     inputs = layer_inputs(model, x)
     assert inputs
     for name, layer_input in inputs.items():
-        out, ref = run_both(layers[name], layer_input)
+        out, ref = run_both(layers[name], layer_input, kernel)
         assert rel_err(out, ref) <= TOL, name
         assert torch.equal(out, run(layers[name], layer_input, "exact")), name
 
@@ -425,7 +491,7 @@ def assert_network_is_exact(model: nn.Module, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("name", zoo.ZOO)
 def test_zoo_models_layer_by_layer(name, path):
     qmodel, _ = dsq.quantize(zoo.build(name))
-    assert_every_layer_matches(qmodel, zoo.example_input(name))
+    assert_every_layer_matches(qmodel, zoo.example_input(name), path)
 
 
 @pytest.mark.parametrize("name", zoo.ZOO)
@@ -447,18 +513,17 @@ def test_quantized_linear_and_other_blocks_in_a_model():
     assert_network_is_exact(qmodel, torch.cat([zoo.example_input("cifar_resnet20", seed=s) for s in range(3)]))
 
 
-@CUDA
 @pytest.mark.parametrize("case", CONV_CASES.values(), ids=CONV_CASES.keys())
-def test_cuda_matches_cpu(case):
+def test_every_device_matches_cpu(case, device):
     layer = conv(**case)
     x = activations(2, case["c"], 9, 8)
     _, ref = run_both(layer, x)
-    out, _ = run_both(layer.cuda(), x.cuda())
+    out, _ = run_both(layer.to(device), x.to(device))
     assert rel_err(out.cpu(), ref) <= TOL
 
 
 @pytest.fixture(scope="module")
-def resnet20_on_cifar10():
+def resnet20_on_cifar10(resnet20, cifar):
     """The real ResNet-20 quantized (4 bits, block 32, BFP8 inputs), and 1000 CIFAR-10 test images
     spread over the classes with their labels."""
     from torch.utils.data import DataLoader, Subset
@@ -467,11 +532,8 @@ def resnet20_on_cifar10():
     from dsq.evaluate import spread_indices
     from dsq.models import load_model
 
-    weights, images = DATA / "cifar10-resnet" / "resnet20-12fca82f.th", DATA / "cifar10-test"
-    if not (weights.exists() and images.exists()):
-        pytest.skip(f"shared data missing under {DATA}")
-    loaded = load_model(str(weights))
-    dataset = open_dataset(images, get_preset(loaded.preset).transform())
+    loaded = load_model(str(resnet20))
+    dataset = open_dataset(cifar, get_preset(loaded.preset).transform())
     x, y = next(iter(DataLoader(Subset(dataset, spread_indices(len(dataset), 1000)), batch_size=1000)))
     qmodel, _ = dsq.quantize(loaded.model)
     return qmodel, x, y
@@ -500,14 +562,12 @@ def test_resnet20_on_cifar10_predictions_against_the_simulation(resnet20_on_cifa
 
 
 @pytest.mark.realdata
-def test_cli_backend_option(tmp_path):
+def test_cli_backend_option(resnet20, cifar, tmp_path):
     from click.testing import CliRunner
 
     from dsq.cli import cli
 
-    weights, images = DATA / "cifar10-resnet" / "resnet20-12fca82f.th", DATA / "cifar10-test"
-    if not (weights.exists() and images.exists()):
-        pytest.skip(f"shared data missing under {DATA}")
+    weights, images = resnet20, cifar
 
     def dsq_cli(*args) -> list[str]:
         """The quantized model's top-1 and top-5 in the accuracy table the command prints."""
