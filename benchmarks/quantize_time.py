@@ -1,4 +1,5 @@
 """Time `dsq.quantize` on ResNet-50 (torchvision architecture, random weights) with L2 and KL."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import torch
 import torchvision
 
 import dsq
+
 from common import interleaved_times, print_table
 
 
@@ -18,10 +20,11 @@ def main():
     args = parser.parse_args()
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
-    fns = {m: (lambda m=m: dsq.quantize(model, args.bits, args.block, m)) for m in ("l2", "kl")}
+    fns = {m: (lambda m=m: dsq.quantize(model, bits=args.bits, block=args.block, method=m)) for m in ("l2", "kl")}
     times = interleaved_times(fns, args.repeats, warmup=0)
-    print(f"ResNet-50, {args.bits}-bit, block {args.block}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
+    print(
+        f"ResNet-50, {args.bits}-bit, block {args.block}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
     print_table(["method", "seconds"], [[m, f"{t:.2f}"] for m, t in times.items()])
 
 

@@ -1,7 +1,7 @@
 """dsq: DSConv post-training quantization for CNNs.
 
     import dsq
-    qmodel, report = dsq.quantize(model, bits=4, block=32)
+    qmodel, report = dsq.quantize(model, bits=4, block=32)  # or dsq.quantize(model, dsq.QuantConfig(...))
     dsq.calibrate(model, qmodel, report, images)     # optional: unlabelled images (N, 3, H, W)
     dsq.save("model.dsq", qmodel, report, arch="resnet50")
     qmodel, recipe = dsq.load("model.dsq")
@@ -9,13 +9,23 @@
 `import dsq` is light: torch and the rest load on first use of these names (PEP 562), so the
 `dsq` command starts at once and answers Ctrl-C during its imports.
 """
+
 from importlib import import_module
 from importlib.util import find_spec
 
 from ._version import __version__
 
-_LAZY = {"quantize": ".convert", "QuantReport": ".convert", "calibrate": ".calibration",
-         "load": ".artifact", "save": ".artifact", "DsqError": ".errors"}
+_LAZY = {
+    "quantize": ".convert",
+    "QuantReport": ".quant_report",
+    "QuantConfig": ".config",
+    "CalibConfig": ".config",
+    "LayerRule": ".config",
+    "calibrate": ".calibration",
+    "load": ".artifact",
+    "save": ".artifact",
+    "DsqError": ".errors",
+}
 
 __all__ = [*_LAZY, "__version__"]
 

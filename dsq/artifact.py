@@ -5,6 +5,7 @@ state_dict as it is, and a JSON recipe in the metadata that says how to rebuild 
 No pickles: loading runs no code from the file, and it fits nothing: the skeleton's convs
 take the stored integers and scales directly.
 """
+
 from __future__ import annotations
 
 import copy
@@ -21,14 +22,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .convert import QuantReport, scale_torch_dtype
 from .artifact_check import DTYPE_BYTES, PACKED, SCALES, StoredTensor, check_recipe, shown, stored_tensors
 from .artifact_check import layer_key as _key
 from .errors import DsqError
 from .fileio import atomic_path
-from .formats import ActFormat, BlockLayout, WeightFormat, pack_weight, unpack_weight
+from .formats import ActFormat, BlockLayout, WeightFormat, pack_weight, round_scales, scale_torch_dtype, unpack_weight
 from .nn import is_dsconv, is_trainable
 from .nn.dsconv import from_quantized
+from .quant_report import QuantReport
 
 FORMAT = "dsq"
 FORMAT_VERSION = 2  # 2: the checksum covers the recipe too; 1: the tensors only (still read)
@@ -56,29 +57,34 @@ def dsconv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if is_dsconv(m)]
 
 
-def _stored_scales(name: str, kds: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The KDS in `dtype`; DsqError when that would change it (the reload must be bit-identical)."""
-    stored = kds.detach().cpu().to(dtype)
-    if not torch.equal(stored.to(kds.dtype), kds.detach().cpu()):
-        raise DsqError(f"layer {name}: its scales are not {str(dtype).removeprefix('torch.')} values; "
-                       "quantize with that scale dtype before saving")
-    return stored
+def _stored_scales(name: str, kds: torch.Tensor, scale_dtype: str) -> torch.Tensor:
+    """The KDS in `scale_dtype`; DsqError when that would change it (the reload must be bit-identical)."""
+    kds = kds.detach().cpu()
+    if not torch.equal(round_scales(kds, scale_dtype, f"layer {name!r}"), kds):
+        raise DsqError(
+            f"layer {name!r}: its scales are not {scale_dtype} values; quantize with that scale dtype before saving"
+        )
+    return kds.to(scale_torch_dtype(scale_dtype))
 
 
 def _layer_recipe(module: nn.Module) -> dict:
     """What rebuilding one DSConv layer needs besides its tensors."""
     act = module.act_format
-    return {"shape": list(module.vqk.shape), "layout": module.layout.kind,
-            "weight_format": asdict(module.weight_format), "act_format": asdict(act) if act else None}
+    return {
+        "shape": list(module.vqk.shape),
+        "layout": module.layout.kind,
+        "weight_format": asdict(module.weight_format),
+        "act_format": asdict(act) if act else None,
+    }
 
 
-def _file_tensors(qmodel: nn.Module, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Packed VQK and stored KDS of each DSConv layer, every other state entry as it is."""
+def _file_tensors(qmodel: nn.Module) -> dict[str, torch.Tensor]:
+    """Packed VQK and KDS in its scale dtype of each DSConv layer, every other state entry as it is."""
     state = {k: v.detach().cpu() for k, v in qmodel.state_dict().items()}
     tensors = {}
     for name, m in dsconv_layers(qmodel):
         tensors[_key(name, PACKED)] = pack_weight(state.pop(_key(name, "vqk")), m.layout, m.weight_format.bits)
-        tensors[_key(name, SCALES)] = _stored_scales(name, state.pop(_key(name, SCALES)), scale_dtype)
+        tensors[_key(name, SCALES)] = _stored_scales(name, state.pop(_key(name, SCALES)), m.weight_format.scale_dtype)
     tensors.update({k: v.clone(memory_format=torch.contiguous_format) for k, v in state.items()})
     return tensors
 
@@ -102,9 +108,16 @@ def checksum(recipe: dict, tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save(path: str | os.PathLike, qmodel: nn.Module, report: QuantReport, *, arch: str | None = None,
-         num_classes: int | None = None, preset: dict | None = None,
-         accuracy: dict | None = None) -> FileSizes:
+def save(
+    path: str | os.PathLike,
+    qmodel: nn.Module,
+    report: QuantReport,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    preset: dict | None = None,
+    accuracy: dict | None = None,
+) -> FileSizes:
     """Write `qmodel` and its recipe to `path` (atomically); returns the file's size accounting.
 
     `arch` (a name dsq can build) and `num_classes` let `load` rebuild the model alone;
@@ -112,13 +125,24 @@ def save(path: str | os.PathLike, qmodel: nn.Module, report: QuantReport, *, arc
     """
     if is_trainable(qmodel):
         raise DsqError("the model is trainable (dsq.nn.make_trainable): dsq.nn.freeze(model) before saving it")
-    tensors = _file_tensors(qmodel, scale_torch_dtype(report.settings.get("scale_dtype", "float32")))
-    recipe = json.loads(json.dumps({  # as a reader will see it: plain JSON values
-        "format": FORMAT, "format_version": FORMAT_VERSION, "dsq_version": __version__,
-        "arch": arch, "num_classes": num_classes, "preset": preset, "settings": report.settings,
-        "layers": {name: _layer_recipe(m) for name, m in dsconv_layers(qmodel)},
-        "report": report.to_dict(), "accuracy": accuracy,
-    }, default=str))
+    tensors = _file_tensors(qmodel)
+    recipe = json.loads(
+        json.dumps(
+            {  # as a reader will see it: plain JSON values
+                "format": FORMAT,
+                "format_version": FORMAT_VERSION,
+                "dsq_version": __version__,
+                "arch": arch,
+                "num_classes": num_classes,
+                "preset": preset,
+                "settings": report.config.to_dict(),
+                "layers": {name: _layer_recipe(m) for name, m in dsconv_layers(qmodel)},
+                "report": report.to_dict(),
+                "accuracy": accuracy,
+            },
+            default=str,
+        )
+    )
     recipe["sha256"] = checksum(recipe, tensors)
     with atomic_path(path) as tmp:
         try:
@@ -205,18 +229,24 @@ def _recipe_and_header(path) -> tuple[dict, dict]:
     stored, end = _damaged(path, stored_tensors, header)
     file_bytes = Path(path).stat().st_size
     if 8 + header_size + end > file_bytes:
-        raise DsqError(f"{path} is truncated: its header needs {8 + header_size + end} bytes, the file has {file_bytes}")
+        raise DsqError(
+            f"{path} is truncated: its header needs {8 + header_size + end} bytes, the file has {file_bytes}"
+        )
     _damaged(path, check_recipe, recipe, stored)
     return recipe, stored
 
 
 def _check_version(path, version) -> None:
     if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
-        raise DsqError(f"{path} has dsq file format version {version}, newer than this dsq {__version__} "
-                       f"reads (up to {FORMAT_VERSION}): upgrade dsq")
+        raise DsqError(
+            f"{path} has dsq file format version {version}, newer than this dsq {__version__} "
+            f"reads (up to {FORMAT_VERSION}): upgrade dsq"
+        )
     if version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise DsqError(f"{path} has an unknown dsq file format version {shown(version)} "
-                       f"(this dsq reads {', '.join(map(str, READABLE_VERSIONS))})")
+        raise DsqError(
+            f"{path} has an unknown dsq file format version {shown(version)} "
+            f"(this dsq reads {', '.join(map(str, READABLE_VERSIONS))})"
+        )
 
 
 def _read_tensors(path, recipe: dict) -> dict[str, torch.Tensor]:
@@ -255,15 +285,19 @@ def _skeleton(path, recipe: dict, tensors: dict[str, torch.Tensor], skeleton: nn
     if skeleton is not None:
         return copy.deepcopy(skeleton).eval()
     if not recipe["arch"]:
-        raise DsqError(f"{path} does not name an architecture dsq can build: pass the float skeleton "
-                       "(dsq.load(path, skeleton=model))")
+        raise DsqError(
+            f"{path} does not name an architecture dsq can build: pass the float skeleton "
+            "(dsq.load(path, skeleton=model))"
+        )
     from .models import build_model, state_size  # imported here: torchvision and friends load only when needed
 
     params = state_size(recipe["arch"], recipe["num_classes"])
     stored = sum(t.numel() * t.element_size() for t in tensors.values())
     if params > MAX_PARAMS_PER_BYTE * stored:
-        raise DsqError(f"{path} is damaged: architecture {recipe['arch']} has {params:,} parameters, "
-                       f"more than its {stored:,} bytes of tensors can hold")
+        raise DsqError(
+            f"{path} is damaged: architecture {recipe['arch']} has {params:,} parameters, "
+            f"more than its {stored:,} bytes of tensors can hold"
+        )
     return build_model(recipe["arch"], recipe["num_classes"])
 
 
@@ -275,13 +309,16 @@ def _restore_layer(path, model: nn.Module, name: str, layer: dict, tensors: dict
         raise DsqError(f"{path} does not fit the model: it has no layer {name!r}") from None
     shape = list(getattr(module, "weight", torch.empty(0)).shape)
     if not isinstance(module, (nn.Conv2d, nn.Linear)) or shape != layer["shape"]:
-        raise DsqError(f"{path} does not fit the model: layer {name} is a {layer['shape']} conv in the file "
-                       f"but a {type(module).__name__} of weight shape {shape} in the model")
-    fmt = WeightFormat(**layer["weight_format"])
+        raise DsqError(
+            f"{path} does not fit the model: layer {name} is a {layer['shape']} conv in the file "
+            f"but a {type(module).__name__} of weight shape {shape} in the model"
+        )
+    stored_kds = tensors[_key(name, SCALES)]  # files before the format held its scale dtype: the stored one
+    fmt = WeightFormat(**{"scale_dtype": str(stored_kds.dtype).removeprefix("torch."), **layer["weight_format"]})
     act = ActFormat(**layer["act_format"]) if layer["act_format"] else None
     layout = BlockLayout(layer["layout"], fmt.block, tuple(shape + [1] * (4 - len(shape))))
     vqk = unpack_weight(tensors.pop(_key(name, PACKED)), layout, fmt.bits).reshape(shape)
-    kds = tensors[_key(name, SCALES)].float()
+    kds = stored_kds.float()
     from_quantized(module, vqk, kds, layout, fmt, act)
     bias = tensors.get(_key(name, "bias"))
     if bias is not None and module.bias is None:  # a bias that calibration added (bias correction)
@@ -294,8 +331,10 @@ def _check_dtypes(path, model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
     for key, want in model.state_dict().items():
         got = tensors.get(key)
         if got is not None and got.dtype != want.dtype:
-            raise DsqError(f"{path} does not fit the model: tensor {key} is {str(got.dtype).removeprefix('torch.')}, "
-                           f"the model holds {str(want.dtype).removeprefix('torch.')}")
+            raise DsqError(
+                f"{path} does not fit the model: tensor {key} is {str(got.dtype).removeprefix('torch.')}, "
+                f"the model holds {str(want.dtype).removeprefix('torch.')}"
+            )
 
 
 def load(path: str | os.PathLike, skeleton: nn.Module | None = None) -> tuple[nn.Module, dict]:
@@ -390,10 +429,19 @@ class FileSizes:
         return self.model_float_bytes / self.file_bytes
 
     def to_dict(self) -> dict:
-        props = ("quantized_float_bytes", "quantized_bytes", "header_bytes", "min_bytes", "above_min",
-                 "weight_ratio", "ratio")
-        layers = [{**asdict(r), "float_bytes": r.float_bytes, "min_bytes": r.min_bytes,
-                   "bits_per_weight": r.bits_per_weight} for r in self.layers]
+        props = (
+            "quantized_float_bytes",
+            "quantized_bytes",
+            "header_bytes",
+            "min_bytes",
+            "above_min",
+            "weight_ratio",
+            "ratio",
+        )
+        layers = [
+            {**asdict(r), "float_bytes": r.float_bytes, "min_bytes": r.min_bytes, "bits_per_weight": r.bits_per_weight}
+            for r in self.layers
+        ]
         return {**asdict(self), "layers": layers, **{p: getattr(self, p) for p in props}}
 
 
@@ -408,9 +456,14 @@ def _nbytes(stored: StoredTensor) -> int:
 def _layer_size(name: str, layer: dict, stored: dict[str, StoredTensor]) -> LayerSize:
     packed, scales = stored.pop(_key(name, PACKED)), stored.pop(_key(name, SCALES))
     return LayerSize(
-        name=name, shape=layer["shape"], layout=layer["layout"], act=act_label(layer["act_format"]),
-        params=math.prod(layer["shape"]), bits=layer["weight_format"]["bits"],
-        n_scales=math.prod(scales.shape), scale_bits=8 * DTYPE_BYTES[scales.dtype],
+        name=name,
+        shape=layer["shape"],
+        layout=layer["layout"],
+        act=act_label(layer["act_format"]),
+        params=math.prod(layer["shape"]),
+        bits=layer["weight_format"]["bits"],
+        n_scales=math.prod(scales.shape),
+        scale_bits=8 * DTYPE_BYTES[scales.dtype],
         file_bytes=_nbytes(packed) + _nbytes(scales),
     )
 
@@ -419,5 +472,10 @@ def file_sizes(path: str | os.PathLike) -> FileSizes:
     """Per-layer and whole-file size accounting, from the checked header alone (no tensor is read)."""
     recipe, stored = _recipe_and_header(path)
     layers = [_layer_size(name, layer, stored) for name, layer in recipe["layers"].items()]
-    return FileSizes(str(path), layers, sum(map(_nbytes, stored.values())), Path(path).stat().st_size,
-                     recipe["report"]["model_float_bytes"])
+    return FileSizes(
+        str(path),
+        layers,
+        sum(map(_nbytes, stored.values())),
+        Path(path).stat().st_size,
+        recipe["report"]["model_float_bytes"],
+    )

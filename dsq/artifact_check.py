@@ -3,25 +3,40 @@
 Every number the file holds is checked against the sizes it implies (the recipe's shapes
 against the stored tensors, the tensors against the file's length), so that a damaged or
 hostile file fails with one line and no large allocation. (A block wider than its axis is one
-block as wide as the axis, `formats.blocks.block_width`: a huge block allocates nothing.) The checks raise DsqError naming
+block as wide as the axis, `formats.blocks.block_width`: a huge block allocates nothing.) The
+checks raise DsqError naming
 the bad field; the caller puts the path and "is damaged" in front.
 """
+
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
 
+from .config import QuantConfig, made
 from .errors import DsqError
 from .formats import ActFormat, BlockLayout, WeightFormat
 from .formats.blocks import CHANNEL, FLAT
 from .formats.packing import packed_size
-from .formats.spec import DEFAULT_SUM_WEIGHT, check_bits, check_block
 
 PACKED, SCALES = "vqk.packed", "kds"  # per-layer keys: <layer>.vqk.packed, <layer>.kds
 # Bytes per element of the safetensors dtypes (the header's names).
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4,
-               "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+}
 SCALE_DTYPES = {"F16": "float16", "F32": "float32"}  # the KDS dtypes dsq writes, header name: settings name
 PACKED_DTYPE = "U8"
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -66,21 +81,6 @@ def _field(record: dict, key: str, what: str):
 
 def _ints(value, what: str, low: int = 0) -> tuple[int, ...]:
     return tuple(_whole(n, f"{what} entries", low) for n in _typed(value, list, what))
-
-
-def _strings(value, what: str) -> None:
-    for item in _typed(value, list, what):
-        _typed(item, str, f"{what} entries")
-
-
-def _made(cls, fields, what: str):
-    """`cls(**fields)`, with its own checks; DsqError naming `what` when the fields do not fit."""
-    try:
-        return cls(**_typed(fields, dict, what))
-    except TypeError:
-        raise DsqError(f"{what} has unknown or missing fields: {shown(sorted(fields))}") from None
-    except DsqError as e:
-        raise DsqError(f"{what}: {e}") from None
 
 
 # ---- the header ------------------------------------------------------------------------------
@@ -137,32 +137,13 @@ def _check_preset(preset, what: str) -> None:
     from .data.presets import Preset  # imported here: torchvision loads only when a file has a preset
 
     _typed(_field(_typed(preset, dict, what), "name", what), str, f"{what} name")
-    _made(Preset, preset, what)
+    made(Preset, preset, what)
 
 
 def _check_settings(settings) -> None:
-    """The `dsq.quantize` arguments that `dsq inspect` shows (older files may lack the newer ones)."""
-    _typed(settings, dict, "settings")
-    get = lambda key: _field(settings, key, "settings")  # noqa: E731
-    fmt = {k: get(k) for k in ("bits", "block", "method", "rounds", "layout")}
-    block = _made(WeightFormat, {**fmt, "sum_weight": settings.get("sum_weight", DEFAULT_SUM_WEIGHT)},
-                  "settings").block
-    act_bits, act_block = get("act_bits"), get("act_block")
-    if act_bits is not None:
-        _made(ActFormat, {"bits": act_bits, "block": block if act_block is None else act_block}, "settings")
-    elif act_block is not None:
-        check_block(act_block, "settings act_block")
-    for key in ("include", "exclude"):
-        _strings(get(key), f"settings {key}")
-    for key in ("quantize_linear", "quantize_image_input"):
-        _typed(get(key), bool, f"settings {key}")
-    if get("scale_dtype") not in SCALE_DTYPES.values():
-        raise DsqError(f"settings scale_dtype must be one of {', '.join(SCALE_DTYPES.values())}, "
-                       f"got {shown(get('scale_dtype'))}")
-    for glob, bits in _typed(settings.get("layer_bits", {}), dict, "settings layer_bits").items():
-        check_bits(bits, f"settings layer_bits[{glob!r}]")
-    if settings.get("depthwise_bits") is not None:
-        check_bits(settings["depthwise_bits"], "settings depthwise_bits")
+    """The quantization config that `dsq inspect` shows: a versioned one, or the `dsq.quantize`
+    arguments of files written before (older files may lack the newer ones)."""
+    QuantConfig.from_dict(settings)
 
 
 def _stored(tensors: dict[str, StoredTensor], key: str, dtypes, shape: tuple[int, ...]) -> StoredTensor:
@@ -171,8 +152,9 @@ def _stored(tensors: dict[str, StoredTensor], key: str, dtypes, shape: tuple[int
         raise DsqError(f"it lacks the tensor {key}")
     stored = tensors[key]
     if stored.dtype not in dtypes or stored.shape != shape:
-        raise DsqError(f"tensor {key} is {stored.dtype} {list(stored.shape)}, the recipe needs "
-                       f"{'/'.join(dtypes)} {list(shape)}")
+        raise DsqError(
+            f"tensor {key} is {stored.dtype} {list(stored.shape)}, the recipe needs {'/'.join(dtypes)} {list(shape)}"
+        )
     return stored
 
 
@@ -186,12 +168,17 @@ def _check_layer(name: str, layer, tensors: dict[str, StoredTensor]) -> None:
     kind = _field(layer, "layout", what)
     if kind not in (CHANNEL, FLAT):
         raise DsqError(f"{what} layout must be {CHANNEL} or {FLAT}, got {shown(kind)}")
-    fmt = _made(WeightFormat, _field(layer, "weight_format", what), f"{what} weight_format")
+    fmt = made(WeightFormat, _field(layer, "weight_format", what), f"{what} weight_format")
     if _field(layer, "act_format", what) is not None:
-        _made(ActFormat, layer["act_format"], f"{what} act_format")
+        made(ActFormat, layer["act_format"], f"{what} act_format")
     _stored(tensors, layer_key(name, PACKED), (PACKED_DTYPE,), (packed_size(math.prod(shape), fmt.bits),))
     layout = BlockLayout(kind, fmt.block, shape + (1,) * (4 - len(shape)))  # blocks wider than the axis: one
-    _stored(tensors, layer_key(name, SCALES), tuple(SCALE_DTYPES), layout.scale_shape)
+    scales = _stored(tensors, layer_key(name, SCALES), tuple(SCALE_DTYPES), layout.scale_shape)
+    if "scale_dtype" in layer["weight_format"] and SCALE_DTYPES[scales.dtype] != fmt.scale_dtype:
+        raise DsqError(
+            f"{what} weight_format has scale dtype {fmt.scale_dtype}, but its scales are "
+            f"stored as {SCALE_DTYPES[scales.dtype]}"
+        )
 
 
 def _report_rows(report, layers: dict) -> list[dict]:

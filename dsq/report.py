@@ -1,20 +1,25 @@
 """Human-readable tables of quantization reports and accuracy results, and plots of sweeps and sensitivity."""
+
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
-from .convert import QuantReport
+from .config import LayerRule, QuantConfig
 from .errors import DsqError
 from .evaluate import Accuracy
 from .fileio import atomic_path
+from .quant_report import QuantReport
 
 MIB = 2**20
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
+    def line(r):
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
@@ -31,11 +36,20 @@ def layer_table(report: QuantReport) -> str:
     rows = []
     for r in report.layers:
         q = r.quantized
-        rows.append([
-            r.name, r.kind, "x".join(map(str, r.shape)), str(r.groups),
-            str(r.bits) if q else "float", f"{r.block}/{r.layout}" if q else "-", r.act if q else "-",
-            f"{r.bits_per_weight:.2f}", _db(r.sqnr_db), f"{_size(r.float_bytes)} -> {_size(r.packed_bytes)}",
-        ])
+        rows.append(
+            [
+                r.name,
+                r.kind,
+                "x".join(map(str, r.shape)),
+                str(r.groups),
+                str(r.bits) if q else "float",
+                f"{r.block}/{r.layout}" if q else "-",
+                r.act if q else "-",
+                f"{r.bits_per_weight:.2f}",
+                _db(r.sqnr_db),
+                f"{_size(r.float_bytes)} -> {_size(r.packed_bytes)}",
+            ]
+        )
         if calibrated:
             rows[-1][-1:-1] = [_db(r.out_sqnr_before_db), _db(r.out_sqnr_after_db)]
     return _table(header, rows)
@@ -89,80 +103,144 @@ def accuracy_table(results: dict[str, Accuracy]) -> str:
 
 def recipe_summary(recipe: dict) -> str:
     """What a dsq file holds and how it was made, in a few lines."""
-    s = recipe["settings"]
+    config = QuantConfig.from_dict(recipe["settings"])
+    w, a = config.weight, config.act
     preset = (recipe.get("preset") or {}).get("name")
-    model = (f"{recipe['arch']}, {recipe['num_classes']} classes, preprocessing {preset}" if recipe.get("arch")
-             else "no architecture named (load it with the float skeleton)")
-    rounds = f" with {s['rounds']} refinement rounds" if s["method"] == "l2" else ""
+    model = (
+        f"{recipe['arch']}, {recipe['num_classes']} classes, preprocessing {preset}"
+        if recipe.get("arch")
+        else "no architecture named (load it with the float skeleton)"
+    )
+    rounds = f" with {w.rounds} refinement rounds" if w.method == "l2" else ""
     act = "float"
-    if s["act_bits"]:
-        image = "" if s["quantize_image_input"] else ", image input float"
-        act = f"{s['act_bits']}-bit BFP mantissas in blocks of {s['act_block'] or s['block']} channels{image}"
+    if a:
+        image = "" if config.quantize_image_input else ", image input float"
+        act = f"{a.bits}-bit BFP mantissas in blocks of {a.block} channels{image}"
     lines = [
         f"format: dsq file format {recipe['format_version']}, written by dsq {recipe['dsq_version']}",
         f"model: {model}",
-        f"weights: {s['bits']}-bit VQK, block {s['block']}, layout {s['layout']}, method {s['method']}{rounds}, "
-        f"{s['scale_dtype']} KDS",
+        f"weights: {w.bits}-bit VQK, block {w.block}, layout {w.layout}, method {w.method}{rounds}, "
+        f"{w.scale_dtype} KDS",
         f"activations: {act}",
-        f"layers: include {' '.join(s['include'])}; exclude {' '.join(s['exclude']) or '-'}; "
-        f"linear layers {'quantized' if s['quantize_linear'] else 'float'}",
+        f"layers: include {' '.join(config.include)}; rules: {rules_text(config)}",
     ]
     lines += [f"kept float: {r['name']} ({r['note']})" for r in recipe["report"]["layers"] if not r["quantized"]]
     return "\n".join([*lines, _accuracy_line(recipe.get("accuracy"))])
+
+
+def rules_text(config: QuantConfig) -> str:
+    """The config's layer rules in order, e.g. "linear float, 'fc*' float, depthwise 8 bits"."""
+
+    def text(rule: LayerRule) -> str:
+        what = repr(rule.name) if rule.name is not None else rule.kind
+        return f"{what} {'float' if rule.keep_float else f'{rule.bits} bits' if rule.bits else 'as configured'}"
+
+    return ", ".join(map(text, config.rules)) or "-"
 
 
 def _accuracy_line(acc: dict | None) -> str:
     if not acc:
         return "accuracy: not measured"
     f, q = acc["float"], acc["quantized"]
-    return (f"accuracy: float {f['top1']:.2f} %, quantized {q['top1']:.2f} % top-1 "
-            f"({q['top1'] - f['top1']:+.2f}) on {q['images']} images")
+    return (
+        f"accuracy: float {f['top1']:.2f} %, quantized {q['top1']:.2f} % top-1 "
+        f"({q['top1'] - f['top1']:+.2f}) on {q['images']} images"
+    )
 
 
 def size_table(sizes) -> str:
     """One row per quantized layer of a dsq file (`artifact.FileSizes`): bits per weight, bytes."""
-    header = ["layer", "shape", "layout", "act", "bits", "scales", "bits/w", "float32 B", "file B", "minimum B",
-              "smaller"]
-    rows = [[r.name, "x".join(map(str, r.shape)), r.layout, r.act, str(r.bits), f"{r.n_scales:,} x {r.scale_bits}b",
-             f"{r.bits_per_weight:.3f}", f"{r.float_bytes:,}", f"{r.file_bytes:,}", f"{r.min_bytes:,.0f}",
-             f"{r.float_bytes / r.file_bytes:.2f}x"] for r in sizes.layers]
+    header = [
+        "layer",
+        "shape",
+        "layout",
+        "act",
+        "bits",
+        "scales",
+        "bits/w",
+        "float32 B",
+        "file B",
+        "minimum B",
+        "smaller",
+    ]
+    rows = [
+        [
+            r.name,
+            "x".join(map(str, r.shape)),
+            r.layout,
+            r.act,
+            str(r.bits),
+            f"{r.n_scales:,} x {r.scale_bits}b",
+            f"{r.bits_per_weight:.3f}",
+            f"{r.float_bytes:,}",
+            f"{r.file_bytes:,}",
+            f"{r.min_bytes:,.0f}",
+            f"{r.float_bytes / r.file_bytes:.2f}x",
+        ]
+        for r in sizes.layers
+    ]
     return _table(header, rows)
 
 
 def size_summary(sizes) -> str:
     """Totals of a dsq file: quantized weights, float parts, header, file vs float model and minimum."""
     n = sum(r.params for r in sizes.layers)
-    return "\n".join([
-        f"quantized weights: {len(sizes.layers)} layers, {n:,} weights, {8 * sizes.quantized_bytes / max(n, 1):.3f} "
-        f"bits each: {_size(sizes.quantized_float_bytes)} float32 -> {_size(sizes.quantized_bytes)} "
-        f"({sizes.weight_ratio:.2f}x smaller)",
-        f"float parts (BatchNorm, biases, layers kept float): {_size(sizes.float_bytes)}",
-        f"header (tensor index and recipe): {_size(sizes.header_bytes)}",
-        file_line(sizes),
-        f"theoretical minimum (b + s/L bits per quantized weight, float parts as they are): "
-        f"{_size(sizes.min_bytes)}; the file is {100 * sizes.above_min:.2f} % above it",
-    ])
+    return "\n".join(
+        [
+            f"quantized weights: {len(sizes.layers)} layers, {n:,} weights, "
+            f"{8 * sizes.quantized_bytes / max(n, 1):.3f} "
+            f"bits each: {_size(sizes.quantized_float_bytes)} float32 -> {_size(sizes.quantized_bytes)} "
+            f"({sizes.weight_ratio:.2f}x smaller)",
+            f"float parts (BatchNorm, biases, layers kept float): {_size(sizes.float_bytes)}",
+            f"header (tensor index and recipe): {_size(sizes.header_bytes)}",
+            file_line(sizes),
+            f"theoretical minimum (b + s/L bits per quantized weight, float parts as they are): "
+            f"{_size(sizes.min_bytes)}; the file is {100 * sizes.above_min:.2f} % above it",
+        ]
+    )
 
 
 def file_line(sizes) -> str:
     """The file's size and how many times smaller than the float model it is, in one line."""
-    return (f"file: {_size(sizes.file_bytes)} ({sizes.file_bytes:,} B), {sizes.ratio:.2f}x smaller than the float "
-            f"model ({_size(sizes.model_float_bytes)} of float32 tensors)")
+    return (
+        f"file: {_size(sizes.file_bytes)} ({sizes.file_bytes:,} B), {sizes.ratio:.2f}x smaller than the float "
+        f"model ({_size(sizes.model_float_bytes)} of float32 tensors)"
+    )
 
 
 def sweep_table(sweep) -> str:
     """The float baseline, then one row per point of a `dsq.sweep.Sweep`: bits/w, size, accuracy, drop."""
     base = sweep.results["float"]
     rows = [["float", "-", "32.00", _size(base["size_bytes"]), f"{base['top1']:.2f}", f"{base['top5']:.2f}", ""]]
-    rows += [[str(p["bits"]), str(p["block"]), f"{p['bits_per_weight']:.2f}", _size(p["size_bytes"]),
-              f"{p['top1']:.2f}", f"{p['top5']:.2f}", f"{p['drop_top1']:+.2f}"] for p in sweep.rows()]
+    rows += [
+        [
+            str(p["bits"]),
+            str(p["block"]),
+            f"{p['bits_per_weight']:.2f}",
+            _size(p["size_bytes"]),
+            f"{p['top1']:.2f}",
+            f"{p['top5']:.2f}",
+            f"{p['drop_top1']:+.2f}",
+        ]
+        for p in sweep.rows()
+    ]
     return _table(["bits", "block", "bits/w", "size", "top-1 %", "top-5 %", "drop"], rows)
 
 
 def sensitivity_table(sensitivity) -> str:
     """One row per layer of a `dsq.sensitivity.Sensitivity`, most damaging first."""
-    rows = [[r["layer"], r["kind"], f"{r['params']:,}", str(r["bits"]), f"{r['only_top1']:.2f} ({r['only_drop']:+.2f})",
-             f"{r['all_but_top1']:.2f} ({r['all_but_gain']:+.2f})", f"{r['damage']:.2f}"] for r in sensitivity.rows()]
+    rows = [
+        [
+            r["layer"],
+            r["kind"],
+            f"{r['params']:,}",
+            str(r["bits"]),
+            f"{r['only_top1']:.2f} ({r['only_drop']:+.2f})",
+            f"{r['all_but_top1']:.2f} ({r['all_but_gain']:+.2f})",
+            f"{r['damage']:.2f}",
+        ]
+        for r in sensitivity.rows()
+    ]
     return _table(["layer", "kind", "params", "bits", "only it quantized", "all but it", "damage"], rows)
 
 
@@ -196,8 +274,11 @@ def plot_sweep(sweep, path) -> None:
     base = sweep.results["float"]
     ax.axhline(base["top1"], color="black", linestyle="--", linewidth=1, label=f"float {base['top1']:.2f} %")
     method = sweep.settings["quantization"].get("method", "l2")
-    ax.set(xlabel="bits per weight (scales included)", ylabel="top-1 %",
-           title=f"{Path(str(sweep.settings.get('model', 'model'))).name}, {method} fit, {base['images']} images")
+    ax.set(
+        xlabel="bits per weight (scales included)",
+        ylabel="top-1 %",
+        title=f"{Path(str(sweep.settings.get('model', 'model'))).name}, {method} fit, {base['images']} images",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     _save_png(figure, path)
@@ -215,8 +296,9 @@ def plot_sensitivity(sensitivity, path) -> None:
     ax.invert_yaxis()
     ax.axvline(0, color="black", linewidth=0.8)
     f, q = sensitivity.results["float"], sensitivity.results["all quantized"]
-    ax.set(xlabel="top-1 points", title=f"float {f['top1']:.2f} %, all quantized {q['top1']:.2f} %, "
-                                        f"{f['images']} images")
+    ax.set(
+        xlabel="top-1 points", title=f"float {f['top1']:.2f} %, all quantized {q['top1']:.2f} %, {f['images']} images"
+    )
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     _save_png(figure, path)

@@ -6,6 +6,7 @@ Its settings include "inputs": digests of the model's weights and of the images 
 every result is well-formed, skipping the models it holds; anything else is refused in one line.
 While a run goes, a lock beside OUTPUT.json keeps any other run from writing the same file.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -32,8 +33,12 @@ Builder = Callable[[], tuple[nn.Module, dict]]  # makes a model, with facts abou
 
 ADVICE = "pass another --output, or --no-resume to start over"
 MAX_FILE_BYTES = 64 << 20  # far above any real run's file; a bigger one is not read into memory
-INPUT_NAMES = {"inputs.model": "model weights", "inputs.images": "images", "inputs.calibration": "calibration images",
-               "inputs.calibration.images": "calibration images"}
+INPUT_NAMES = {
+    "inputs.model": "model weights",
+    "inputs.images": "images",
+    "inputs.calibration": "calibration images",
+    "inputs.calibration.images": "calibration images",
+}
 
 
 @dataclass(frozen=True)
@@ -45,11 +50,15 @@ class Check:
 
 
 def _real(value, low: float, high: float) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and low <= value <= high)
+    return (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and low <= value <= high
+    )
 
 
-def whole(low: int, high: int = 2 ** 53) -> Check:
+def whole(low: int, high: int = 2**53) -> Check:
     return Check(f"a whole number from {low} to {high}", lambda v: isinstance(v, int) and _real(v, low, high))
 
 
@@ -138,11 +147,17 @@ def read_json_object(path: Path) -> dict:
 def _first_difference(theirs: dict, ours: dict) -> str | None:
     """The first dotted key whose value differs (JSON types compared too: 1, 1.0 and true differ);
     'settings' when only their nesting differs; None when they are the same."""
-    canonical = lambda value: json.dumps(value, sort_keys=True)
+
+    def canonical(value) -> str:
+        return json.dumps(value, sort_keys=True)
+
     if canonical(theirs) == canonical(ours):
         return None
     theirs, ours = _flat(theirs), _flat(ours)
-    differs = lambda key: key not in theirs or key not in ours or canonical(theirs[key]) != canonical(ours[key])
+
+    def differs(key: str) -> bool:
+        return key not in theirs or key not in ours or canonical(theirs[key]) != canonical(ours[key])
+
     return next(filter(differs, sorted(set(theirs) | set(ours))), "settings")
 
 
@@ -157,8 +172,7 @@ def _check_settings(path: Path, kind: str, theirs, ours: dict) -> None:
         raise DsqError(f"{path} holds a {kind} computed from other {INPUT_NAMES[key]} than now: {ADVICE}")
     if key is not None:
         there, now = (_shown(flat[key]) if key in flat else "nothing" for flat in (_flat(theirs), _flat(ours)))
-        raise DsqError(f"{path} holds a {kind} with other settings ({_name(key)}: {there} there, {now} now): "
-                       f"{ADVICE}")
+        raise DsqError(f"{path} holds a {kind} with other settings ({_name(key)}: {there} there, {now} now): {ADVICE}")
 
 
 def _result_problem(result, fields: dict[str, Check] | None) -> str | None:
@@ -170,12 +184,19 @@ def _result_problem(result, fields: dict[str, Check] | None) -> str | None:
     missing, extra = set(fields) - set(result), set(result) - set(fields)
     if missing or extra:
         return f"lacks {_shown(min(missing))}" if missing else f"has an unknown field {_shown(min(extra))}"
-    return next((f"has {key} {_shown(result[key])}, not {check.what}"
-                 for key, check in fields.items() if not check.test(result[key])), None)
+    return next(
+        (
+            f"has {key} {_shown(result[key])}, not {check.what}"
+            for key, check in fields.items()
+            if not check.test(result[key])
+        ),
+        None,
+    )
 
 
-def previous_results(path: str | os.PathLike, kind: str, settings: dict,
-                     fields: Callable[[str], dict[str, Check] | None]) -> dict[str, dict]:
+def previous_results(
+    path: str | os.PathLike, kind: str, settings: dict, fields: Callable[[str], dict[str, Check] | None]
+) -> dict[str, dict]:
     """The results in `path` when it holds a `kind` run with these `settings`; {} without a file.
 
     `fields(name)` is what the result called `name` must hold (None for a name such a run never
@@ -234,8 +255,9 @@ def exclusive(path: Path):
         except BlockingIOError:
             holder = _lock_holder(descriptor)
             os.close(descriptor)
-            raise DsqError(f"{path} is being written by another run ({holder}): wait until it ends, "
-                           "or pass another --output") from None
+            raise DsqError(
+                f"{path} is being written by another run ({holder}): wait until it ends, or pass another --output"
+            ) from None
         with contextlib.suppress(FileNotFoundError):
             if os.stat(lock).st_ino == os.fstat(descriptor).st_ino:
                 break  # not a lock file that its last holder removed while we waited for it
@@ -264,8 +286,15 @@ class ResumableRun:
     kind = "dsq run"
     rows_key = "rows"
 
-    def __init__(self, quant_options: dict, *, settings: dict | None = None, output: str | os.PathLike | None = None,
-                 resume: bool = True, on_resume: Callable[[ResumableRun], None] | None = None):
+    def __init__(
+        self,
+        quant_options: dict,
+        *,
+        settings: dict | None = None,
+        output: str | os.PathLike | None = None,
+        resume: bool = True,
+        on_resume: Callable[[ResumableRun], None] | None = None,
+    ):
         self.quant_options = dict(quant_options)
         self.settings = as_json({**(settings or {}), "quantization": self.quant_options})
         self.output = output
@@ -309,14 +338,18 @@ class ResumableRun:
             self.settings = {**self.settings, "inputs": as_json(self.inputs(model, dataset, indices))}
             if self.resume:
                 accuracy = accuracy_fields(len(indices))
-                fields = lambda name: None if self.facts(name) is None else {**self.facts(name), **accuracy}
+
+                def fields(name: str) -> dict | None:
+                    return None if self.facts(name) is None else {**self.facts(name), **accuracy}
+
                 self.results = previous_results(self.path("json"), self.kind, self.settings, fields)
         self.resumed = len(self.results)
         if self.resumed and self.on_resume is not None:
             self.on_resume(self)
 
-    def evaluate(self, builders: Mapping[str, Builder], dataset, *, per_pass: int = 4, progress: bool = True,
-                 **eval_options) -> None:
+    def evaluate(
+        self, builders: Mapping[str, Builder], dataset, *, per_pass: int = 4, progress: bool = True, **eval_options
+    ) -> None:
         """Evaluate every model of `builders` not in `results` yet, `per_pass` per pass over the images;
         each result is the builder's facts plus the model's accuracy."""
         started = time.perf_counter()
@@ -326,6 +359,7 @@ class ResumableRun:
             def make() -> nn.Module:
                 model, facts[name] = builders[name]()
                 return model
+
             return make
 
         def record(accuracies) -> None:
@@ -349,5 +383,11 @@ class ResumableRun:
             write_csv(self.path("csv"), self.rows())
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "settings": self.settings, "results": self.results, self.rows_key: self.rows(),
-                "versions": versions(), "wall_seconds": self.seconds}
+        return {
+            "kind": self.kind,
+            "settings": self.settings,
+            "results": self.results,
+            self.rows_key: self.rows(),
+            "versions": versions(),
+            "wall_seconds": self.seconds,
+        }

@@ -4,12 +4,15 @@ For each layer that `quantize` would quantize, two models are evaluated: only th
 quantized (its damage in an otherwise float network) and every layer but that one quantized
 (what keeping it float wins back). A layer's damage is the mean of the two, in top-1 points.
 """
+
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 from torch import nn
 
+from .config import LayerRule, QuantConfig
 from .convert import quantize
 from .formats.spec import MAX_BITS, MIN_BITS
 from .resume import COUNT, POSITIVE, TEXT, Builder, Check, ResumableRun, equal, whole
@@ -24,18 +27,19 @@ def exact_glob(name: str) -> str:
 
 
 class Sensitivity(ResumableRun):
-    """Per-layer sensitivity of a model under one set of `quantize` options."""
+    """Per-layer sensitivity of a model under one quantization `config`."""
 
     kind = "dsq sensitivity"
     rows_key = "layers"
 
-    def __init__(self, quant_options: dict, **run_options):
-        super().__init__(quant_options, **run_options)
+    def __init__(self, config: QuantConfig, **run_options):
+        self.config = config
+        super().__init__(config.to_dict(), **run_options)
         self.layers: list[str] = []  # the quantized layers of the model last run, in network order
 
     def builders(self, model: nn.Module) -> dict[str, Builder]:
         """The float model, the fully quantized one, and two models per quantized layer."""
-        qmodel, report = quantize(model, **self.quant_options)
+        qmodel, report = quantize(model, self.config)
         self.layers = [layer.name for layer in report.quantized_layers]
         builders = {FLOAT: lambda: (model, {}), ALL: lambda: (qmodel, {"bits_per_weight": report.mean_bits_per_weight})}
         for layer in report.quantized_layers:
@@ -46,18 +50,22 @@ class Sensitivity(ResumableRun):
 
     def facts(self, name: str) -> dict[str, Check] | None:
         if name.startswith(ONLY):
-            return {"layer": equal(name.removeprefix(ONLY)), "kind": TEXT, "params": COUNT,
-                    "bits": whole(MIN_BITS, MAX_BITS)}
+            return {
+                "layer": equal(name.removeprefix(ONLY)),
+                "kind": TEXT,
+                "params": COUNT,
+                "bits": whole(MIN_BITS, MAX_BITS),
+            }
         if name == ALL:
             return {"bits_per_weight": POSITIVE}
         return {} if name == FLOAT or name.startswith(ALL_BUT) else None
 
     def _only(self, model: nn.Module, layer: str) -> nn.Module:
-        return quantize(model, **{**self.quant_options, "include": (exact_glob(layer),)})[0]
+        return quantize(model, replace(self.config, include=(exact_glob(layer),)))[0]
 
     def _all_but(self, model: nn.Module, layer: str) -> nn.Module:
-        exclude = (*self.quant_options.get("exclude", ()), exact_glob(layer))
-        return quantize(model, **{**self.quant_options, "exclude": exclude})[0]
+        float_rule = LayerRule(name=exact_glob(layer), keep_float=True)
+        return quantize(model, replace(self.config, rules=(float_rule, *self.config.rules)))[0]
 
     def rows(self, ranked: bool = True) -> list[dict]:
         """One finished row per layer of the model last run: most damaging first (ties in network order),
@@ -69,10 +77,19 @@ class Sensitivity(ResumableRun):
             if None in (base, everything, alone, others):
                 continue
             drop, gain = alone["top1"] - base["top1"], others["top1"] - everything["top1"]
-            rows.append({"layer": alone["layer"], "kind": alone["kind"], "params": alone["params"],
-                         "bits": alone["bits"], "only_top1": alone["top1"], "only_drop": round(drop, 4),
-                         "all_but_top1": others["top1"], "all_but_gain": round(gain, 4),
-                         "damage": round((gain - drop) / 2, 4)})
+            rows.append(
+                {
+                    "layer": alone["layer"],
+                    "kind": alone["kind"],
+                    "params": alone["params"],
+                    "bits": alone["bits"],
+                    "only_top1": alone["top1"],
+                    "only_drop": round(drop, 4),
+                    "all_but_top1": others["top1"],
+                    "all_but_gain": round(gain, 4),
+                    "damage": round((gain - drop) / 2, 4),
+                }
+            )
         order = sorted(range(len(rows)), key=lambda i: -rows[i]["damage"])
         for rank, i in enumerate(order, 1):
             rows[i] = {"rank": rank, **rows[i]}
@@ -81,4 +98,3 @@ class Sensitivity(ResumableRun):
     def worst(self, count: int = 3) -> list[str]:
         """The names of up to `count` layers whose quantization costs accuracy, worst first."""
         return [row["layer"] for row in self.rows()[:count] if row["damage"] > 0]
-

@@ -1,9 +1,10 @@
 """Accuracy over a grid of weight bits x block sizes: the float model once, then every point.
 
-    sweep = Sweep([2, 4, 8], [16, 32], {"method": "l2"}, output="sweep")
-    sweep.run(model, dataset)          # writes sweep.json and sweep.csv after every pass
-    sweep.rows()                       # one row per point: bits/w, size, top-1, top-5, drop
+sweep = Sweep([2, 4, 8], [16, 32], {"method": "l2"}, output="sweep")
+sweep.run(model, dataset)          # writes sweep.json and sweep.csv after every pass
+sweep.rows()                       # one row per point: bits/w, size, top-1, top-5, drop
 """
+
 from __future__ import annotations
 
 import re
@@ -13,10 +14,11 @@ import torch
 from torch import nn
 
 from .calibration import calibrate
-from .convert import quantize, state_bytes
+from .convert import quantize
 from .fingerprint import tensor_digest
 from .formats.spec import MAX_BITS, MIN_BITS
-from .resume import COUNT, POSITIVE, SECONDS, Builder, Check, ResumableRun, as_json, equal
+from .metrics import state_bytes
+from .resume import COUNT, POSITIVE, SECONDS, Builder, Check, ResumableRun, equal
 
 FLOAT = "float"
 
@@ -32,14 +34,21 @@ def point_of(name: str) -> tuple[int, int] | None:
 
 
 class Sweep(ResumableRun):
-    """Every combination of `bits` and `blocks`, with the other `quantize` options shared."""
+    """Every combination of `bits` and `blocks`, with the other keyword options of `dsq.quantize`
+    shared (dsq.config.quant_config: an unset act_block follows each point's block)."""
 
     kind = "dsq sweep"
     rows_key = "points"
 
-    def __init__(self, bits: Sequence[int], blocks: Sequence[int], quant_options: dict,
-                 calibration: tuple[torch.Tensor, dict] | None = None, **run_options):
-        """`calibration`: (images, `dsq.calibrate` options) to calibrate every point with."""
+    def __init__(
+        self,
+        bits: Sequence[int],
+        blocks: Sequence[int],
+        quant_options: dict,
+        calibration: tuple[torch.Tensor, dict] | None = None,
+        **run_options,
+    ):
+        """`calibration`: (images, dsq.config.CalibConfig) to calibrate every point with."""
         self.bits, self.blocks = list(bits), list(blocks)
         self.calibration = calibration
         super().__init__(quant_options, **run_options)
@@ -61,25 +70,36 @@ class Sweep(ResumableRun):
         point = point_of(name)
         if point is None:
             return None
-        return {"bits": equal(point[0]), "block": equal(point[1]), "bits_per_weight": POSITIVE, "size_bytes": COUNT,
-                "compression": POSITIVE, "quantize_seconds": SECONDS}
+        return {
+            "bits": equal(point[0]),
+            "block": equal(point[1]),
+            "bits_per_weight": POSITIVE,
+            "size_bytes": COUNT,
+            "compression": POSITIVE,
+            "quantize_seconds": SECONDS,
+        }
 
     def inputs(self, model: nn.Module, dataset, indices: Sequence[int]) -> dict:
         """The model's and images' digests, and the calibration images' and options' (None without)."""
         calibration = None
         if self.calibration is not None:
             images, options = self.calibration
-            calibration = {"images": tensor_digest(images), "options": as_json(options)}
+            calibration = {"images": tensor_digest(images), "options": options.to_dict()}
         return {**super().inputs(model, dataset, indices), "calibration": calibration}
 
     def _quantize(self, model: nn.Module, bits: int, block: int) -> tuple[nn.Module, dict]:
         qmodel, report = quantize(model, bits=bits, block=block, **self.quant_options)
         if self.calibration is not None:
-            images, options = self.calibration
-            calibrate(model, qmodel, report, images, **options)
-        return qmodel, {"bits": bits, "block": block, "bits_per_weight": report.mean_bits_per_weight,
-                        "size_bytes": report.model_quantized_bytes, "compression": report.compression,
-                        "quantize_seconds": report.seconds + (report.calibration or {}).get("seconds", 0.0)}
+            images, config = self.calibration
+            calibrate(model, qmodel, report, images, config)
+        return qmodel, {
+            "bits": bits,
+            "block": block,
+            "bits_per_weight": report.mean_bits_per_weight,
+            "size_bytes": report.model_quantized_bytes,
+            "compression": report.compression,
+            "quantize_seconds": report.seconds + (report.calibration or {}).get("seconds", 0.0),
+        }
 
     @property
     def pending(self) -> int:
@@ -95,16 +115,28 @@ class Sweep(ResumableRun):
             r = self.results.get(point_name(bits, block))
             if r is None or base is None:
                 continue
-            rows.append({
-                "model": self.settings.get("model"), "bits": bits, "block": block,
-                "act_bits": q.get("act_bits"), "method": q.get("method"), "layout": q.get("layout"),
-                "bits_per_weight": round(r["bits_per_weight"], 4), "size_bytes": r["size_bytes"],
-                "compression": round(r["compression"], 3),
-                "float_top1": base["top1"], "float_top5": base["top5"], "top1": r["top1"], "top5": r["top5"],
-                "drop_top1": round(r["top1"] - base["top1"], 4), "drop_top5": round(r["top5"] - base["top5"], 4),
-                "images": r["images"], "quantize_seconds": round(r["quantize_seconds"], 2),
-                "eval_seconds": round(r["seconds"], 2),
-            })
+            rows.append(
+                {
+                    "model": self.settings.get("model"),
+                    "bits": bits,
+                    "block": block,
+                    "act_bits": q.get("act_bits"),
+                    "method": q.get("method"),
+                    "layout": q.get("layout"),
+                    "bits_per_weight": round(r["bits_per_weight"], 4),
+                    "size_bytes": r["size_bytes"],
+                    "compression": round(r["compression"], 3),
+                    "float_top1": base["top1"],
+                    "float_top5": base["top5"],
+                    "top1": r["top1"],
+                    "top5": r["top5"],
+                    "drop_top1": round(r["top1"] - base["top1"], 4),
+                    "drop_top5": round(r["top5"] - base["top5"], 4),
+                    "images": r["images"],
+                    "quantize_seconds": round(r["quantize_seconds"], 2),
+                    "eval_seconds": round(r["seconds"], 2),
+                }
+            )
         return rows
 
     def to_dict(self) -> dict:

@@ -1,4 +1,5 @@
 """The main job as one library call: load, quantize, evaluate before and after, report."""
+
 from __future__ import annotations
 
 import platform
@@ -10,6 +11,7 @@ import torch.nn as nn
 
 from ._version import __version__
 from .calibration import DEFAULT_CALIB_IMAGES, calibrate, calibration_set
+from .config import CalibConfig, QuantConfig
 from .convert import QuantReport, quantize
 from .data import check_labels
 from .evaluate import Accuracy, evaluate
@@ -41,8 +43,13 @@ class QuantizeRun:
 
     def to_dict(self) -> dict:
         return {
-            "model": {"source": self.loaded.source, "arch": self.loaded.arch, "preset": self.loaded.preset,
-                      "num_classes": self.loaded.num_classes, "known_top1": self.loaded.known_top1},
+            "model": {
+                "source": self.loaded.source,
+                "arch": self.loaded.arch,
+                "preset": self.loaded.preset,
+                "num_classes": self.loaded.num_classes,
+                "known_top1": self.loaded.known_top1,
+            },
             "quantization": self.report.to_dict(),
             "data": self.data,
             "accuracy": self.accuracy_dict(),
@@ -55,23 +62,35 @@ def versions() -> dict:
     return {"dsq": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
-def quantize_and_evaluate(loaded: LoadedModel, dataset=None, *, eval_options: dict | None = None,
-                          progress: bool = True, calib: str | None = None, calib_images: int = DEFAULT_CALIB_IMAGES,
-                          calib_options: dict | None = None, transform=None, **quant_options) -> QuantizeRun:
-    """Quantize `loaded.model`; with `calib` (a folder of images, read through `transform`),
-    calibrate it on `calib_images` of them (`dsq.calibrate` with `calib_options`); with a
-    dataset, evaluate float and quantized on the same images, those used to calibrate left out."""
+def quantize_and_evaluate(
+    loaded: LoadedModel,
+    config: QuantConfig,
+    dataset=None,
+    *,
+    eval_options: dict | None = None,
+    progress: bool = True,
+    calib: str | None = None,
+    calib_images: int = DEFAULT_CALIB_IMAGES,
+    calib_config: CalibConfig | None = None,
+    transform=None,
+    backend: str = "simulate",
+) -> QuantizeRun:
+    """Quantize `loaded.model` as `config` says, computing with `backend`; with `calib` (a folder
+    of images, read through `transform`), calibrate it on `calib_images` of them (`dsq.calibrate`
+    with `calib_config`); with a dataset, evaluate float and quantized on the same images, those
+    used to calibrate left out."""
     started = time.perf_counter()
     if calib is not None:  # before quantizing: a bad folder fails first
         images, dataset = calibration_set(calib, calib_images, transform, dataset, progress=progress)
-    qmodel, report = quantize(loaded.model, progress=progress, **quant_options)
+    qmodel, report = quantize(loaded.model, config, backend=backend, progress=progress)
     run = QuantizeRun(loaded, qmodel, report)
     if calib is not None:
-        calibrate(loaded.model, qmodel, report, images, source=str(calib), progress=progress, **(calib_options or {}))
+        calibrate(loaded.model, qmodel, report, images, calib_config, source=str(calib), progress=progress)
     if dataset is not None:
         check_labels(dataset, loaded.num_classes)
-        run.accuracy = evaluate({"float": loaded.model, "quantized": qmodel}, dataset,
-                                progress=progress, **(eval_options or {}))
+        run.accuracy = evaluate(
+            {"float": loaded.model, "quantized": qmodel}, dataset, progress=progress, **(eval_options or {})
+        )
         run.data = dataset.describe()
     run.seconds = time.perf_counter() - started
     return run

@@ -1,4 +1,5 @@
 """The quantized model file: save, load, bit-identical round trips and one-line errors."""
+
 from __future__ import annotations
 
 import copy
@@ -13,7 +14,9 @@ from safetensors.torch import save_file
 
 import dsq
 import dsq.artifact as artifact
+from dsq.config import LayerRule, QuantConfig
 from dsq.nn import is_dsconv
+
 from zoo import ZOO, TinyYolo, build, convs, example_input, quantized
 
 
@@ -51,8 +54,9 @@ def test_round_trip_bit_identical(tmp_path, name):
             assert m.layout == src.layout
     # the recipe holds the settings and the names needed to rebuild
     assert recipe["arch"] == entry.arch and recipe["num_classes"] == entry.num_classes
-    assert recipe["settings"] == json.loads(json.dumps(report.settings))
-    assert recipe["settings"]["bits"] == 4 and recipe["settings"]["block"] == 32 and recipe["settings"]["rounds"] == 0
+    assert recipe["settings"] == json.loads(json.dumps(report.config.to_dict()))
+    weight = recipe["settings"]["weight"]
+    assert weight["bits"] == 4 and weight["block"] == 32 and weight["rounds"] == 0
     assert artifact.read_recipe(path) == recipe
     # 4-bit codes + float16 scales on the convs: about 9/16 bytes per conv weight plus the float parts
     float_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -65,15 +69,25 @@ def test_round_trip_bit_identical(tmp_path, name):
 def test_round_trip_mixed_settings(tmp_path):
     """Excluded (float) convs, a quantized linear, float activations, float32 scales."""
     model = build("cifar_resnet20")
-    qmodel, report = dsq.quantize(model, bits=3, block=16, rounds=0, exclude=("layer1.*",), quantize_linear=True,
-                                  act_bits=None, scale_dtype="float32")
+    qmodel, report = dsq.quantize(
+        model,
+        bits=3,
+        block=16,
+        rounds=0,
+        exclude=("layer1.*",),
+        quantize_linear=True,
+        act_bits=None,
+        scale_dtype="float32",
+    )
     path = tmp_path / "mixed.dsq"
     artifact.save(path, qmodel, report, arch="cifar_resnet20", num_classes=10)
     loaded, recipe = artifact.load(path)
     assert type(loaded.layer1[0].conv1) is nn.Conv2d
     assert is_dsconv(loaded.linear) and is_dsconv(loaded.layer2[0].conv1)
     assert all(m.act_format is None for m in loaded.modules() if is_dsconv(m))
-    assert recipe["settings"]["exclude"] == ["layer1.*"] and recipe["settings"]["quantize_linear"] is True
+    rules = QuantConfig.from_dict(recipe["settings"]).rules
+    # linear layers quantized: no linear rule
+    assert rules == (LayerRule(name="layer1.*", keep_float=True), LayerRule(kind="depthwise", bits=8))
     _same_logits(qmodel, loaded, example_input("cifar_resnet20"))
 
 

@@ -1,9 +1,11 @@
 """The packed dsq file: sizes against an independent theoretical minimum, bit-identical reloads,
 scale dtypes, rebuilding by name or from a skeleton, and damaged or future files."""
+
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,8 +16,10 @@ from safetensors.torch import load_file, save_file
 
 import dsq
 from dsq import artifact
-from dsq.convert import DEFAULT_SCALE_DTYPE
+from dsq.config import LayerRule, QuantConfig
+from dsq.formats import DEFAULT_SCALE_DTYPE
 from dsq.nn import is_dsconv
+
 from zoo import build, example_input
 
 BLOCK = 32
@@ -124,6 +128,7 @@ def test_resnet50_reload_by_name_gives_bit_identical_logits(resnet50_file):
 
 def test_loading_fits_nothing(resnet50_file, monkeypatch):
     """The skeleton's convs take the stored integers: no VQK/KDS fit runs."""
+
     def no_fit(*args, **kwargs):
         raise AssertionError("load ran a weight fit")
 
@@ -139,8 +144,7 @@ def test_loading_fits_nothing(resnet50_file, monkeypatch):
 @pytest.mark.parametrize("scale_dtype", ["float16", "float32"])
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_every_bit_width_reloads_bit_identical_at_its_minimum_size(tmp_path, small_net, bits, scale_dtype):
-    qmodel, path, sizes = _save(tmp_path, small_net, bits=bits, block=16, scale_dtype=scale_dtype,
-                                quantize_linear=True)
+    qmodel, path, sizes = _save(tmp_path, small_net, bits=bits, block=16, scale_dtype=scale_dtype, quantize_linear=True)
     reloaded, _ = dsq.load(path, skeleton=small_net)
     assert torch.equal(_logits(reloaded, SMALL_X), _logits(qmodel, SMALL_X))
     nbytes, layer_bits = _tensor_nbytes(path), []
@@ -166,7 +170,7 @@ def test_float16_scales_are_rounded_at_quantize_time(small_net):
         assert row32.packed_bytes == math.ceil(n * b / 8) + 4 * n_scales
         assert row16.bits_per_weight == pytest.approx(b + 16 * n_scales / n)
         assert row32.bits_per_weight == pytest.approx(b + 32 * n_scales / n)
-    assert r16.settings["scale_dtype"] == "float16" and r32.settings["scale_dtype"] == "float32"
+    assert r16.config.weight.scale_dtype == "float16" and r32.config.weight.scale_dtype == "float32"
 
 
 @pytest.mark.parametrize("scale_dtype", [None, "float16", "float32"])
@@ -184,10 +188,11 @@ def test_an_unknown_scale_dtype_is_refused(small_net, one_line_dsq_error):
 
 
 def test_saving_refuses_scales_the_file_cannot_hold_exactly(tmp_path, small_net, one_line_dsq_error):
-    """The file keeps the scales in the dtype the run says; a model whose scales that dtype
+    """The file keeps the scales in each layer's scale dtype; a model whose scales that dtype
     cannot hold exactly would not reload bit-identical."""
     qmodel, report = dsq.quantize(small_net, scale_dtype="float32")
-    report.settings["scale_dtype"] = "float16"
+    for _, layer in dsq.artifact.dsconv_layers(qmodel):
+        layer.weight_format = replace(layer.weight_format, scale_dtype="float16")
     one_line_dsq_error(dsq.save, tmp_path / "m.dsq", qmodel, report)
     assert list(tmp_path.iterdir()) == []
 
@@ -199,8 +204,9 @@ def test_saving_refuses_scales_the_file_cannot_hold_exactly(tmp_path, small_net,
 def mobilenet_file(tmp_path_factory):
     """MobileNetV2 (depthwise convs: flat blocks) at 3 bits, block 16, KL float16 scales, last conv float."""
     model = build("mobilenet_v2")
-    qmodel, report = dsq.quantize(model, bits=3, block=16, method="kl", exclude=("features.18.*",),
-                                  scale_dtype="float16")
+    qmodel, report = dsq.quantize(
+        model, bits=3, block=16, method="kl", exclude=("features.18.*",), scale_dtype="float16"
+    )
     path = tmp_path_factory.mktemp("mnv2") / "m.dsq"
     dsq.save(path, qmodel, report, arch="mobilenet_v2", num_classes=10, accuracy=ACCURACY)
     return model, qmodel, report, path
@@ -214,9 +220,9 @@ def test_recipe_says_how_every_layer_was_made(mobilenet_file):
     recipe = artifact.read_recipe(path)
     assert recipe["dsq_version"] == dsq.__version__ and recipe["format_version"] == artifact.FORMAT_VERSION
     assert (recipe["arch"], recipe["num_classes"], recipe["accuracy"]) == ("mobilenet_v2", 10, ACCURACY)
-    s = recipe["settings"]
-    assert (s["bits"], s["block"], s["method"], s["scale_dtype"], s["exclude"]) == (3, 16, "kl", "float16",
-                                                                                   ["features.18.*"])
+    s = QuantConfig.from_dict(recipe["settings"])
+    assert (s.weight.bits, s.weight.block, s.weight.method, s.weight.scale_dtype) == (3, 16, "kl", "float16")
+    assert s.rules[1] == LayerRule(name="features.18.*", keep_float=True)
     layers = recipe["layers"]
     assert layers["features.1.conv.0.0"]["layout"] == "flat"  # depthwise
     assert layers["features.2.conv.0.0"]["layout"] == "channel"
@@ -228,7 +234,7 @@ def test_recipe_says_how_every_layer_was_made(mobilenet_file):
 
 def test_recipe_settings_redo_the_run(tmp_path, small_net):
     qmodel, path, _ = _save(tmp_path, small_net, bits=5, block=8, layout="flat", act_bits=6)
-    again, _ = dsq.quantize(small_net, **artifact.read_recipe(path)["settings"])
+    again, _ = dsq.quantize(small_net, QuantConfig.from_dict(artifact.read_recipe(path)["settings"]))
     assert torch.equal(_logits(again, SMALL_X), _logits(qmodel, SMALL_X))
 
 
@@ -272,6 +278,50 @@ def _rewrite(path, change_recipe=None, change_tensors=None):
         change_tensors(tensors)
     recipe["sha256"] = artifact.checksum(recipe, tensors)
     save_file(tensors, str(path), metadata={"dsq": json.dumps(recipe)})
+
+
+# The settings of a file written before versioned configs: dsq.quantize's arguments.
+OLD_SETTINGS = {
+    "bits": 3,
+    "block": 32,
+    "method": "l2",
+    "rounds": 5,
+    "sum_weight": 0.467,
+    "layout": "auto",
+    "act_bits": 8,
+    "act_block": None,
+    "include": ["*"],
+    "exclude": [],
+    "layer_bits": {},
+    "depthwise_bits": 8,
+    "quantize_linear": False,
+    "quantize_image_input": False,
+    "scale_dtype": "float16",
+}
+
+
+def _as_written_before_configs(recipe: dict) -> None:
+    recipe["settings"] = recipe["report"]["settings"] = dict(OLD_SETTINGS)
+    for layer in recipe["layers"].values():
+        del layer["weight_format"]["scale_dtype"]  # the stored scales' dtype says it
+
+
+def test_a_file_written_before_configs_loads_bit_identical(tmp_path, small_net):
+    qmodel, path, _ = _save(tmp_path, small_net, bits=3)
+    _rewrite(path, change_recipe=_as_written_before_configs)
+    loaded, recipe = dsq.load(path, skeleton=small_net)
+    assert torch.equal(_logits(loaded, SMALL_X), _logits(qmodel, SMALL_X))
+    assert QuantConfig.from_dict(recipe["settings"]) == dsq.quantize(small_net, bits=3)[1].config
+    assert all(
+        m.weight_format == q.weight_format
+        for (_, m), (_, q) in zip(artifact.dsconv_layers(loaded), artifact.dsconv_layers(qmodel))
+    )
+    assert "float16 KDS" in dsq.report.recipe_summary(recipe)
+
+
+def test_a_config_from_a_newer_dsq_is_refused_with_its_version(small_file, one_line_dsq_error):
+    _rewrite(small_file, change_recipe=lambda r: r["settings"].update(version=99))
+    assert "version 99" in one_line_dsq_error(dsq.load, small_file)
 
 
 def test_truncated_file(small_file, one_line_dsq_error):

@@ -1,4 +1,5 @@
 """dsq.quantize on a small zoo: surgery, the report, size accounting, settings."""
+
 from __future__ import annotations
 
 import copy
@@ -14,8 +15,20 @@ import torch.nn.functional as F
 import dsq
 import dsq.models
 from dsq.nn import DSConv2d, DSLinear, is_dsconv
-from zoo import (ZOO, RefBFP, build, convs, example_input, linears, pristine_state, quantized, ref_bfp, ref_layout,
-                 ref_scale_shape)
+
+from zoo import (
+    ZOO,
+    RefBFP,
+    build,
+    convs,
+    example_input,
+    linears,
+    pristine_state,
+    quantized,
+    ref_bfp,
+    ref_layout,
+    ref_scale_shape,
+)
 
 BITS_LOW, BITS_HIGH = 4, 8
 # The zoo runs store KDS scales as float16 (spec section 5: 4-bit, B = 32, float16 scales -> 4.5 bits)
@@ -63,8 +76,21 @@ def zoo_run(name: str) -> dict:
     y_hi, hi_io, _ = _trace(q_hi, x)
     with torch.no_grad():
         y_lo = q_lo(x)
-    return dict(model=model, before=before, x=x, y=y, float_io=float_io, first=order[0],
-                q_lo=q_lo, r_lo=r_lo, q_hi=q_hi, r_hi=r_hi, y_lo=y_lo, y_hi=y_hi, hi_io=hi_io)
+    return dict(
+        model=model,
+        before=before,
+        x=x,
+        y=y,
+        float_io=float_io,
+        first=order[0],
+        q_lo=q_lo,
+        r_lo=r_lo,
+        q_hi=q_hi,
+        r_hi=r_hi,
+        y_lo=y_lo,
+        y_hi=y_hi,
+        hi_io=hi_io,
+    )
 
 
 NAMES = list(ZOO)
@@ -189,8 +215,9 @@ def test_size_accounting(run):
     assert r.model_quantized_bytes < r.model_float_bytes
     assert r.compression == pytest.approx(float_bytes / (float_bytes - dropped + packed), rel=1e-12)
     q_params = sum(m.weight.numel() for _, m in convs(model))
-    mean_bits = sum((BITS_LOW * m.weight.numel() + SCALE_BITS * _n_scales(m.weight.shape, m.groups))
-                    for _, m in convs(model))
+    mean_bits = sum(
+        (BITS_LOW * m.weight.numel() + SCALE_BITS * _n_scales(m.weight.shape, m.groups)) for _, m in convs(model)
+    )
     assert r.mean_bits_per_weight == pytest.approx(mean_bits / q_params, rel=1e-12)
     json.dumps(r.to_dict())  # serialisable as is
 
@@ -283,8 +310,11 @@ def test_exclude_globs(one_line_dsq_error):
     # excluding a layer keeps its float bytes
     q_all, r_all = dsq.quantize(model, bits=4, rounds=0)
     saved = sum(row.float_bytes - row.packed_bytes for row in r_all.layers if row.quantized and not row.note)
-    lost = sum(row.float_bytes - row.packed_bytes for row in r_all.layers
-               if row.name.startswith("layer1.") or row.name.endswith(".2.conv2"))
+    lost = sum(
+        row.float_bytes - row.packed_bytes
+        for row in r_all.layers
+        if row.name.startswith("layer1.") or row.name.endswith(".2.conv2")
+    )
     assert r.model_quantized_bytes == r_all.model_float_bytes - saved + lost
 
 
@@ -309,7 +339,7 @@ def test_image_input_not_bfp_by_default():
         assert torch.allclose(q.conv1(x), F.conv2d(x, q.conv1.weight, None, 1, 1), rtol=1e-5, atol=1e-6)
         assert not torch.allclose(q.conv1(x), F.conv2d(ref_bfp(x, 8, 32), q.conv1.weight, None, 1, 1), atol=1e-6)
     qi, ri = dsq.quantize(model, bits=4, rounds=0, quantize_image_input=True)
-    assert ri.layers[0].act == "bfp8/32" and qi.conv1.act_format == dsq.convert.ActFormat(8, 32)
+    assert ri.layers[0].act == "bfp8/32" and qi.conv1.act_format == dsq.formats.ActFormat(8, 32)
     with torch.no_grad():
         expected = F.conv2d(ref_bfp(x, 8, 32), qi.conv1.weight, None, 1, 1)
         assert torch.allclose(qi.conv1(x), expected, rtol=1e-5, atol=1e-6)
@@ -350,13 +380,28 @@ def test_act_format_settings(act_bits, act_block, label):
 
 
 def test_settings_recorded_and_formats():
-    q, r = dsq.quantize(resnet20(), bits=3, block=16, method="kl", layout="flat", act_bits=6, act_block=8,
-                        include=("layer3.*",), exclude=("linear",))
-    assert r.weight_format == dsq.convert.WeightFormat(bits=3, block=16, method="kl", layout="flat")
-    assert r.act_format == dsq.convert.ActFormat(6, 8)
-    assert r.settings["bits"] == 3 and r.settings["block"] == 16 and r.settings["method"] == "kl"
-    assert r.settings["act_bits"] == 6 and r.settings["act_block"] == 8 and r.settings["exclude"] == ["linear"]
-    assert r.settings["include"] == ["layer3.*"]
+    q, r = dsq.quantize(
+        resnet20(),
+        bits=3,
+        block=16,
+        method="kl",
+        layout="flat",
+        act_bits=6,
+        act_block=8,
+        include=("layer3.*",),
+        exclude=("linear",),
+    )
+    assert r.weight_format == dsq.formats.WeightFormat(
+        bits=3, block=16, method="kl", layout="flat", scale_dtype="float16"
+    )
+    assert r.act_format == dsq.formats.ActFormat(6, 8)
+    s = r.to_dict()["settings"]
+    assert s["weight"]["bits"] == 3 and s["weight"]["block"] == 16 and s["weight"]["method"] == "kl"
+    assert (
+        s["act"] == {"bits": 6, "block": 8}
+        and {"name": "linear", "kind": None, "bits": None, "keep_float": True} in s["rules"]
+    )
+    assert s["include"] == ["layer3.*"] and dsq.config.QuantConfig.from_dict(s) == r.config
     assert len(r.quantized_layers) == 6
     assert all(row.layout == "flat" for row in r.quantized_layers)
     assert all(math.isfinite(row.sqnr_db) for row in r.quantized_layers)
@@ -377,9 +422,21 @@ def test_bare_conv():
     assert len(r.layers) == 1 and r.layers[0].quantized
 
 
-BAD = [dict(bits=1), dict(bits=9), dict(bits=2.5), dict(bits=True), dict(block=0), dict(block=-1),
-       dict(method="l1"), dict(rounds=-1), dict(layout="rows"), dict(act_bits=1), dict(act_bits=9),
-       dict(act_block=-1), dict(act_bits=8.0)]
+BAD = [
+    dict(bits=1),
+    dict(bits=9),
+    dict(bits=2.5),
+    dict(bits=True),
+    dict(block=0),
+    dict(block=-1),
+    dict(method="l1"),
+    dict(rounds=-1),
+    dict(layout="rows"),
+    dict(act_bits=1),
+    dict(act_bits=9),
+    dict(act_block=-1),
+    dict(act_bits=8.0),
+]
 
 
 @pytest.mark.parametrize("kwargs", BAD, ids=[str(k) for k in BAD])

@@ -10,27 +10,37 @@ to its inputs, layer by layer (`sequential`); correct each layer's output mean (
 re-estimate BatchNorm statistics; distillation from the float network (`adapt`). The report gains each
 layer's output SQNR before and after, the images used and the time of every stage.
 """
+
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 
-from ..convert import QuantReport, scale_torch_dtype, weight_error
+from ..config import DEFAULT_FIT_IMAGES, DEFAULT_STEPS, CalibConfig
 from ..errors import DsqError
 from ..evaluate import spread_indices
 from ..nn import is_dsconv
+from ..quant_report import IMAGE_INPUT_ACT, QuantReport, layer_row
 from .act_search import search_act_formats
-from .adapt import DEFAULT_BATCH, DEFAULT_LR, DEFAULT_STEPS, AdaptResult, adapt
+from .adapt import AdaptResult, adapt
 from .batchnorm import reestimate_batchnorm
 from .images import DEFAULT_CALIB_IMAGES, calibration_files, calibration_set, load_images
-from .sequential import DEFAULT_FIT_IMAGES, refit_layers
+from .sequential import refit_layers
 from .sqnr import output_sqnr
 
-__all__ = ["CalibrationReport", "DEFAULT_CALIB_IMAGES", "DEFAULT_FIT_IMAGES", "DEFAULT_STEPS", "calibrate",
-           "calibration_files", "calibration_set", "load_images"]
+__all__ = [
+    "CalibrationReport",
+    "DEFAULT_CALIB_IMAGES",
+    "DEFAULT_FIT_IMAGES",
+    "DEFAULT_STEPS",
+    "calibrate",
+    "calibration_files",
+    "calibration_set",
+    "load_images",
+]
 
 
 @dataclass
@@ -55,51 +65,85 @@ class CalibrationReport:
         return {**asdict(self), "seconds": self.seconds}
 
 
-def calibrate(float_model: nn.Module, qmodel: nn.Module, report: QuantReport, images: torch.Tensor, *,
-              act_search: bool = False, refit: bool = True, bias: bool = False, batchnorm: bool = False,
-              adapt_steps: int = DEFAULT_STEPS, adapt_seconds: float | None = None, adapt_weights: str = "fixed",
-              adapt_lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH, fit_images: int = DEFAULT_FIT_IMAGES,
-              seed: int = 0, source: str | None = None, progress: bool = False) -> CalibrationReport:
-    """Improve `qmodel` (from dsq.quantize(float_model)) in place with the unlabelled `images`
-    (N, C, H, W, preprocessed as for the model); update `report`'s layers and return what was done.
+def calibrate(
+    float_model: nn.Module,
+    qmodel: nn.Module,
+    report: QuantReport,
+    images: torch.Tensor,
+    config: CalibConfig | None = None,
+    *,
+    source: str | None = None,
+    progress: bool = False,
+    **options,
+) -> CalibrationReport:
+    """Improve `qmodel` (from dsq.quantize(float_model)) in place with unlabelled images.
 
-    act_search: give each layer with a BFP input the mantissa bits and block size, at no more
-    bits per activation than it has, that keep its output closest to its output on the unrounded
-    input (docs/activation-search.md); runs before the refit, which then fits to those inputs.
-    refit: data-aware VQK and KDS (minimising each layer's output error on its calibration
-    inputs). bias: match each layer's mean output to the float network's. batchnorm:
-    re-estimate BatchNorm statistics. adapt_steps > 0: distillation from `float_model`
-    (`adapt_weights` "fixed" keeps the integers, "ste" re-derives them, "learned" learns each
-    weight's rounding down or up from `float_model`'s weight, AdaRound-style), stopped after
-    `adapt_seconds` if given. Seeded by `seed`.
+    Args:
+        float_model: the float model `qmodel` was quantized from.
+        qmodel, report: what dsq.quantize returned; the report's rows are derived again from
+            the calibrated layers.
+        images: a float tensor (N, C, H, W), preprocessed as for the model.
+        config: the stages (dsq.config.CalibConfig), or leave it out and pass its fields as
+            keywords, e.g. `adapt_steps=0`. act_search: give each layer with a BFP input the
+            mantissa bits and block size, at no more bits per activation than it has, that keep
+            its output closest to its output on the unrounded input (docs/activation-search.md);
+            runs before the refit. refit: data-aware VQK and KDS (minimising each layer's output
+            error on `fit_images` of the images). bias: match each layer's mean output to the float
+            network's. batchnorm: re-estimate BatchNorm statistics. adapt_steps > 0: distillation
+            from `float_model` (`adapt_weights` "fixed" keeps the integers, "ste" re-derives them,
+            "learned" learns each weight's rounding, AdaRound-style), stopped after `adapt_seconds`
+            if given. Seeded by `seed`.
+        source: where the images came from, for the report.
+        progress: show progress bars.
+
+    Returns:
+        The CalibrationReport: images used, seconds per stage, per-layer output SQNR before and after.
+
+    Example:
+        >>> import torch, torch.nn as nn, dsq
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        >>> qmodel, report = dsq.quantize(model, bits=4)
+        >>> result = dsq.calibrate(model, qmodel, report, torch.randn(16, 3, 8, 8), adapt_steps=0)
+        >>> list(result.stages)
+        ['refit']
     """
+    if config is None:
+        config = CalibConfig(**options)
+    elif options:
+        raise DsqError(f"calibrate takes a CalibConfig or keyword settings, not both (got {', '.join(options)})")
     layers = _check_models(float_model, qmodel, report)
     _check_images(images, qmodel)
-    _check_counts(adapt_steps=(adapt_steps, 0), batch_size=(batch_size, 1))
-    probe = images[spread_indices(len(images), fit_images)]
+    probe = images[spread_indices(len(images), config.fit_images)]
     result = CalibrationReport(len(images), len(probe), source)
-    scale_dtype = report.settings.get("scale_dtype", "float32")
     with torch.no_grad():
         result.sqnr_before = output_sqnr(float_model, qmodel, list(layers), probe)
-    if act_search:
+    if config.act_search:
         started = time.perf_counter()
         search_act_formats(qmodel, layers, probe)
         result.stages["act_search"] = time.perf_counter() - started
-    if refit or bias:
+    if config.refit or config.bias:
         started = time.perf_counter()
-        refit_layers(float_model, qmodel, layers, probe, fit_scales=refit, bias=bias,
-                     scale_dtype=scale_torch_dtype(scale_dtype), progress=progress)
-        result.stages["refit" if refit else "bias"] = time.perf_counter() - started
-        if refit and bias:
+        refit_layers(float_model, qmodel, layers, probe, fit_scales=config.refit, bias=config.bias, progress=progress)
+        result.stages["refit" if config.refit else "bias"] = time.perf_counter() - started
+        if config.refit and config.bias:
             result.stages["bias"] = 0.0  # done in the same pass
-    if batchnorm:
+    if config.batchnorm:
         started = time.perf_counter()
         reestimate_batchnorm(qmodel, images)
         result.stages["batchnorm"] = time.perf_counter() - started
-    if adapt_steps:
-        result.adapt = adapt(float_model, qmodel, images, steps=adapt_steps, seconds=adapt_seconds,
-                             batch_size=batch_size, lr=adapt_lr, weights=adapt_weights, scale_dtype=scale_dtype,
-                             seed=seed, progress=progress)
+    if config.adapt_steps:
+        result.adapt = adapt(
+            float_model,
+            qmodel,
+            images,
+            steps=config.adapt_steps,
+            seconds=config.adapt_seconds,
+            batch_size=config.batch_size,
+            lr=config.adapt_lr,
+            weights=config.adapt_weights,
+            seed=config.seed,
+            progress=progress,
+        )
         result.stages["adapt"] = result.adapt.seconds
     with torch.no_grad():
         result.sqnr_after = output_sqnr(float_model, qmodel, list(layers), probe)
@@ -119,16 +163,22 @@ def _check_models(float_model, qmodel, report) -> dict[str, nn.Module]:
     if not layers:
         raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
     if any(is_dsconv(m) for m in float_model.modules()):
-        raise DsqError("the float model has DSConv layers: pass the float model that was quantized, not a quantized one")
+        raise DsqError(
+            "the float model has DSConv layers: pass the float model that was quantized, not a quantized one"
+        )
     if sorted(r.name for r in report.quantized_layers) != sorted(layers):
-        raise DsqError("the report does not belong to the quantized model (their quantized layers differ): "
-                       "pass the report that dsq.quantize returned with it")
+        raise DsqError(
+            "the report does not belong to the quantized model (their quantized layers differ): "
+            "pass the report that dsq.quantize returned with it"
+        )
     float_layers = dict(float_model.named_modules())
     for name, layer in layers.items():
         twin = float_layers.get(name)
         if not isinstance(twin, (nn.Conv2d, nn.Linear)) or list(twin.weight.shape) != list(layer.vqk.shape):
-            raise DsqError(f"the float model does not match the quantized one at layer {name!r}: "
-                           "pass the model that dsq.quantize was given")
+            raise DsqError(
+                f"the float model does not match the quantized one at layer {name!r}: "
+                "pass the model that dsq.quantize was given"
+            )
     return layers
 
 
@@ -152,27 +202,27 @@ def _check_images(images, qmodel: nn.Module) -> None:
         qmodel.train(training)
 
 
-def _check_counts(**counts: tuple[int, int]) -> None:
-    """DsqError unless each keyword's value (value, least) is a whole number >= least."""
-    for what, (value, least) in counts.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise DsqError(f"{what} must be a whole number of at least {least}, got {value!r}")
-
-
-def _update_report(report: QuantReport, float_model: nn.Module, layers: dict[str, nn.Module],
-                   result: CalibrationReport) -> None:
-    """New weight errors, output SQNRs, activation settings and the bytes of added biases in the
-    per-layer rows."""
+def _update_report(
+    report: QuantReport, float_model: nn.Module, layers: dict[str, nn.Module], result: CalibrationReport
+) -> None:
+    """The calibrated layers' rows derived again (weight error, activation format, output SQNRs),
+    the bytes of added biases, and the calibration."""
     float_layers = dict(float_model.named_modules())
+    rows = []
     for row in report.layers:
-        if row.name not in layers:
-            continue
-        layer = layers[row.name]
-        row.sqnr_db, row.rel_error = weight_error(float_layers[row.name].weight.detach(), layer.weight.detach())
-        row.out_sqnr_before_db = result.sqnr_before[row.name]
-        row.out_sqnr_after_db = result.sqnr_after[row.name]
-        if layer.act_format is not None:
-            row.act = layer.act_format.label
-        if float_layers[row.name].bias is None and layer.bias is not None:
-            report.model_quantized_bytes += layer.bias.numel() * layer.bias.element_size()
+        if row.name in layers:
+            derived = layer_row(
+                row.name,
+                float_layers[row.name].weight.detach(),
+                layers[row.name],
+                note=row.note,
+                image_input=row.act == IMAGE_INPUT_ACT,
+            )
+            row = replace(
+                derived, out_sqnr_before_db=result.sqnr_before[row.name], out_sqnr_after_db=result.sqnr_after[row.name]
+            )
+        rows.append(row)
+    added = [layer.bias for name, layer in layers.items() if float_layers[name].bias is None and layer.bias is not None]
+    report.layers = rows
+    report.model_quantized_bytes += sum(bias.numel() * bias.element_size() for bias in added)
     report.calibration = result.to_dict()

@@ -1,6 +1,7 @@
 """Per-layer activation settings chosen on the calibration images: for each layer with a BFP
 input, the mantissa bits and block size that keep its output closest to the output with a float
 input, at no more bits per activation than its current setting (docs/activation-search.md)."""
+
 from __future__ import annotations
 
 from fractions import Fraction
@@ -8,9 +9,9 @@ from fractions import Fraction
 import torch
 import torch.nn as nn
 
-from ..convert import sqnr_db
 from ..formats import ActFormat, bfp_quantize
 from ..formats.spec import MIN_BITS
+from ..metrics import sqnr_db
 from .capture import Call, route_calls
 
 EXPONENT_BITS = 8  # the shared exponent of a block
@@ -27,8 +28,12 @@ def candidates(current: ActFormat) -> list[ActFormat]:
     """The settings that cost at most `current` per activation, `current` first."""
     budget = bits_per_activation(current)
     bits = range(max(MIN_BITS, current.bits - MANTISSA_STEPS_DOWN), current.bits + 1)
-    cheaper = [ActFormat(b, block) for b in bits for block in BLOCKS
-               if bits_per_activation(ActFormat(b, block)) <= budget and ActFormat(b, block) != current]
+    cheaper = [
+        ActFormat(b, block)
+        for b in bits
+        for block in BLOCKS
+        if bits_per_activation(ActFormat(b, block)) <= budget and ActFormat(b, block) != current
+    ]
     return [current, *cheaper]
 
 
@@ -50,8 +55,7 @@ def candidate_sqnr(call: Call, fmt: ActFormat, chunk: int = 64) -> float:
     return sqnr_db(signal, noise)
 
 
-def search_act_formats(qmodel: nn.Module, layers: dict[str, nn.Module],
-                       images: torch.Tensor) -> dict[str, ActFormat]:
+def search_act_formats(qmodel: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor) -> dict[str, ActFormat]:
     """Give every layer of `layers` (name -> DSConv module of `qmodel`) that has a BFP input the
     candidate setting with the best output SQNR on `images` (ties: its current one), layer by
     layer in execution order, each on the inputs that the settings chosen before it produce.

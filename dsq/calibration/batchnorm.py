@@ -1,4 +1,5 @@
 """Re-estimate BatchNorm statistics on the quantized network's own activations."""
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,7 @@ def reestimate_batchnorm(model: nn.Module, images: torch.Tensor, chunk: int = 12
         m.train()
     try:
         for start in range(0, len(images), chunk):
-            model(images[start:start + chunk])
+            model(images[start : start + chunk])
     finally:
         for m, (momentum, training) in zip(norms, saved):
             m.momentum = momentum

@@ -1,4 +1,5 @@
 """Calibration images: any folder of images, labels ignored, loaded once as one tensor."""
+
 from __future__ import annotations
 
 import os
@@ -33,19 +34,35 @@ def calibration_files(folder: str | os.PathLike, count: int = DEFAULT_CALIB_IMAG
     return ordered[:count]
 
 
-def load_images(paths: list[str], transform: Callable, *, workers: int = 0, progress: bool = False,
-                batch_size: int = 64) -> torch.Tensor:
+def load_images(
+    paths: list[str], transform: Callable, *, workers: int = 0, progress: bool = False, batch_size: int = 64
+) -> torch.Tensor:
     """The images at `paths`, each passed through `transform`, stacked into one (N, C, H, W) tensor."""
-    dataset = LabelledImages([(p, 0) for p in paths], ["unlabelled"], transform, source=str(Path(paths[0]).parent),
-                             layout="calibration images")
+    dataset = LabelledImages(
+        [(p, 0) for p in paths],
+        ["unlabelled"],
+        transform,
+        source=str(Path(paths[0]).parent),
+        layout="calibration images",
+    )
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    batches = [x for x, _ in tqdm(_batches(loader), total=len(loader), desc="calibration images", unit="batch",
-                                  disable=not progress)]
+    batches = [
+        x
+        for x, _ in tqdm(
+            _batches(loader), total=len(loader), desc="calibration images", unit="batch", disable=not progress
+        )
+    ]
     return torch.cat(batches)
 
 
-def calibration_set(folder: str | os.PathLike, count: int, transform: Callable, dataset: LabelledImages | None = None,
-                    *, progress: bool = False) -> tuple[torch.Tensor, LabelledImages | None]:
+def calibration_set(
+    folder: str | os.PathLike,
+    count: int,
+    transform: Callable,
+    dataset: LabelledImages | None = None,
+    *,
+    progress: bool = False,
+) -> tuple[torch.Tensor, LabelledImages | None]:
     """`count` calibration images of `folder` (`calibration_files`) as one tensor, and `dataset`
     without them (None stays None): calibration never sees the images it is judged on."""
     files = calibration_files(folder, count)

@@ -1,4 +1,5 @@
 """Second moments of the vectors each layer's weight rows multiply, gathered over calibration images."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -46,8 +47,9 @@ def input_moments(call: Call, chunk: int = 64) -> InputMoments:
     return moments
 
 
-def output_means(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor,
-                 chunk: int = 256) -> tuple[dict[str, torch.Tensor], list[str]]:
+def output_means(
+    model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, chunk: int = 256
+) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Each layer's mean output per channel over the images, and the order in which the layers ran."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -61,5 +63,5 @@ def output_means(model: nn.Module, layers: dict[str, nn.Module], images: torch.T
 
     with torch.no_grad(), route_calls(model, record, layers):
         for start in range(0, len(images), chunk):
-            model(images[start:start + chunk])
+            model(images[start : start + chunk])
     return {n: sums[n] / counts[n] for n in sums}, list(sums)

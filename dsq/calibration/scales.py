@@ -11,6 +11,7 @@ With H = E[x x^T] (per group, over the unfolded input) the output error of one w
 2. Scales: with the integers fixed, all KDS of a row solve one small least-squares problem in
    the H-norm (the normal equations Q^T H Q alpha = Q^T H w).
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,9 @@ def _damped(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def round_with_compensation(w: torch.Tensor, h: torch.Tensor, lengths: list[int], bits: int, rounds: int,
-                            sum_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def round_with_compensation(
+    w: torch.Tensor, h: torch.Tensor, lengths: list[int], bits: int, rounds: int, sum_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 1 on rows w (G, R, D) whose columns are ordered slice after slice, H (G, D, D):
     the codes (G, R, D) and one scale per row and slice (G, R, S)."""
     w = w.clone()
@@ -62,7 +64,7 @@ def round_with_compensation(w: torch.Tensor, h: torch.Tensor, lengths: list[int]
             q = torch.round(w[:, :, j] * inv).clamp_(lo, hi)
             codes[:, :, j] = q
             errors[:, :, j - start] = err = (w[:, :, j] - alpha * q) / u[:, j, j, None]
-            w[:, :, j + 1:end] -= err[:, :, None] * u[:, None, j, j + 1:end]
+            w[:, :, j + 1 : end] -= err[:, :, None] * u[:, None, j, j + 1 : end]
         w[:, :, end:] -= errors @ u[:, start:end, end:]  # the later columns, in one product per slice
         scales.append(alpha)
         start = end
@@ -93,8 +95,9 @@ def output_error_scales(w: torch.Tensor, codes: torch.Tensor, h: torch.Tensor, l
     return alpha.masked_fill(empty, 0)
 
 
-def fit_to_inputs(weight: torch.Tensor, second: torch.Tensor, layout: BlockLayout, bits: int, rounds: int,
-                  sum_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_to_inputs(
+    weight: torch.Tensor, second: torch.Tensor, layout: BlockLayout, bits: int, rounds: int, sum_weight: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """VQK (int8, the weight's shape) and KDS (float32, the layout's scale shape) for a float
     `weight` (O, I/G, kh, kw) or (O, I) whose inputs have second moments `second` (G, D, D)."""
     groups = second.shape[0]
@@ -107,5 +110,4 @@ def fit_to_inputs(weight: torch.Tensor, second: torch.Tensor, layout: BlockLayou
     alpha = output_error_scales(w, codes, h, lengths.tolist())
     vqk = torch.empty_like(codes)
     vqk[:, :, order] = codes
-    return (vqk.reshape(weight.shape).to(torch.int8),
-            alpha.reshape(layout.scale_shape).float())
+    return (vqk.reshape(weight.shape).to(torch.int8), alpha.reshape(layout.scale_shape).float())

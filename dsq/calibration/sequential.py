@@ -1,20 +1,16 @@
 """Layer by layer, in execution order, on the quantized network's own inputs: refit each
 layer's VQK and KDS to its calibration inputs, then remove the systematic shift of its output."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..formats import round_scales
 from .capture import Call, route_calls
 from .inputs import InputMoments, input_moments, output_means
 from .scales import fit_to_inputs
-
-# Images the layer-by-layer refit runs on, all at once (memory: the network's activations of
-# that many images): each layer's input moments and mean come from all of their positions
-# (512 CIFAR images: 524 288 input vectors per layer at 32x32). ResNet-20 / CIFAR-10 at 4 bits
-# lost 0.27 points with 256 and 0.14 with 512 or 1000 (docs/calibration.md).
-DEFAULT_FIT_IMAGES = 512
 
 
 def ensure_bias(layer: nn.Module) -> torch.Tensor:
@@ -35,13 +31,21 @@ def correct_bias(layer: nn.Module, moments: InputMoments, float_mean: torch.Tens
         bias += (float_mean - mean - bias.double()).to(bias.dtype)
 
 
-def refit_layers(float_model: nn.Module, qmodel: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, *,
-                 fit_scales: bool = True, bias: bool = True, scale_dtype: torch.dtype = torch.float32,
-                 progress: bool = False) -> list[str]:
+def refit_layers(
+    float_model: nn.Module,
+    qmodel: nn.Module,
+    layers: dict[str, nn.Module],
+    images: torch.Tensor,
+    *,
+    fit_scales: bool = True,
+    bias: bool = True,
+    progress: bool = False,
+) -> list[str]:
     """Refit every layer of `layers` (name -> DSConv module of `qmodel`) in the order they run,
     on `images`, and return that order. One pass of the quantized network over all of them at
     once: each layer is refitted when the pass reaches it, so the layers after it see its new
-    output. `float_model` has a float layer under each name."""
+    output. `float_model` has a float layer under each name; refitted scales are rounded to each
+    layer's scale dtype."""
     float_layers = dict(float_model.named_modules())
     targets, order = output_means(float_model, {n: float_layers[n] for n in layers}, images)
     bar = tqdm(total=len(order), desc="refitting layers", unit="layer", disable=not progress)
@@ -50,10 +54,11 @@ def refit_layers(float_model: nn.Module, qmodel: nn.Module, layers: dict[str, nn
         layer, moments = call.layer, input_moments(call)
         if fit_scales:
             fmt = layer.weight_format
-            vqk, kds = fit_to_inputs(float_layers[call.name].weight, moments.second, layer.layout, fmt.bits,
-                                     fmt.rounds, fmt.sum_weight)
+            vqk, kds = fit_to_inputs(
+                float_layers[call.name].weight, moments.second, layer.layout, fmt.bits, fmt.rounds, fmt.sum_weight
+            )
             layer.vqk.copy_(vqk)
-            layer.kds.copy_(kds.to(scale_dtype))
+            layer.kds.copy_(round_scales(kds, fmt.scale_dtype, f"layer {call.name!r}"))
         if bias:
             correct_bias(layer, moments, targets[call.name])
         bar.update()

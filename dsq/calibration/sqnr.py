@@ -1,10 +1,11 @@
 """Per-layer output SQNR: each quantized layer's output against the float layer's, on the same images."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from ..convert import sqnr_db
+from ..metrics import sqnr_db
 
 
 def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -21,13 +22,14 @@ def _outputs(model: nn.Module, names: list[str], x: torch.Tensor) -> dict[str, t
 
 
 @torch.no_grad()
-def output_sqnr(float_model: nn.Module, qmodel: nn.Module, names: list[str], images: torch.Tensor,
-                chunk: int = 64) -> dict[str, float]:
+def output_sqnr(
+    float_model: nn.Module, qmodel: nn.Module, names: list[str], images: torch.Tensor, chunk: int = 64
+) -> dict[str, float]:
     """10 log10(sum f^2 / sum (f - q)^2) per layer name, f and q the outputs of the layer of that
     name in the float and in the quantized network (each fed by its own network)."""
     signal, noise = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
     for start in range(0, len(images), chunk):
-        x = images[start:start + chunk]
+        x = images[start : start + chunk]
         f, q = _outputs(float_model, names, x), _outputs(qmodel, names, x)
         for n in names:
             signal[n] += f[n].double().square().sum().item()

@@ -4,6 +4,7 @@
 inside its handler of Ctrl-C: an interrupted command ends in one line and exit code 130 at any
 moment, never a traceback.
 """
+
 import sys
 
 INTERRUPTED = 130  # 128 + SIGINT: what shells report for a command stopped by Ctrl-C

@@ -1,8 +1,10 @@
 """`dsq demo`: the main job on built-in data, nothing needed from the user."""
+
 from __future__ import annotations
 
 import click
 
+from ..config import quant_config
 from ..data import demo_dataset, get_preset
 from ..fileio import write_json
 from ..models import load_model
@@ -24,14 +26,20 @@ def demo_command(o):
     loaded = load_model(DEMO_MODEL)
     dataset = demo_dataset(get_preset(loaded.preset).transform())
     click.echo(f"model: {DEMO_MODEL} ({loaded.source}); data: {dataset.describe()}")
-    run = quantize_and_evaluate(loaded, dataset, eval_options=dict(batch_size=20, workers=0),
-                                progress=not o["quiet"], bits=o["bits"], block=o["block"])
+    run = quantize_and_evaluate(
+        loaded,
+        quant_config(bits=o["bits"], block=o["block"]),
+        dataset,
+        eval_options=dict(batch_size=20, workers=0),
+        progress=not o["quiet"],
+    )
     show_run(run, quiet=o["quiet"])
     click.echo(
         f"\nNote: {len(dataset)} images only, so each image moves top-1 by {100 / len(dataset):.0f} points. "
         "For real figures evaluate on ImageNet val as Kaggle, the devkit or torchvision lay it out "
         "(dsq detects the layout):\n"
-        f"  dsq quantize {DEMO_MODEL} --bits {o['bits']} --block {o['block']} --data /path/to/imagenet/val")
+        f"  dsq quantize {DEMO_MODEL} --bits {o['bits']} --block {o['block']} --data /path/to/imagenet/val"
+    )
     if o["json_path"]:
         write_json(o["json_path"], run.to_dict())
         click.echo(f"wrote {o['json_path']}")

@@ -1,4 +1,5 @@
 """`dsq eval`: top-1/top-5 of a float model or a quantized dsq file."""
+
 from __future__ import annotations
 
 import click
@@ -11,8 +12,16 @@ from ..models import load_model
 from ..models.registry import get_arch
 from ..nn import set_backend
 from ..workflow import versions
-from .options import (backend_option, data_options, dataset_from, eval_kwargs, model_options, output_options,
-                      pass_options, preset_from)
+from .options import (
+    backend_option,
+    data_options,
+    dataset_from,
+    eval_kwargs,
+    model_options,
+    output_options,
+    pass_options,
+    preset_from,
+)
 
 
 @click.command("eval")
@@ -38,8 +47,16 @@ def eval_command(o):
     results = evaluate({kind: model}, dataset, progress=not o["quiet"], **eval_kwargs(o))
     click.echo(report.accuracy_table(results))
     if o["json_path"]:
-        write_json(o["json_path"], {"model": o["model"], "kind": kind, "data": dataset.describe(),
-                                    "accuracy": results[kind].to_dict(), "versions": versions()})
+        write_json(
+            o["json_path"],
+            {
+                "model": o["model"],
+                "kind": kind,
+                "data": dataset.describe(),
+                "accuracy": results[kind].to_dict(),
+                "versions": versions(),
+            },
+        )
         click.echo(f"wrote {o['json_path']}")
 
 

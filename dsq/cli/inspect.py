@@ -1,4 +1,5 @@
 """`dsq inspect`: the recipe, per-layer sizes and whole-file size accounting of a dsq file."""
+
 from __future__ import annotations
 
 import click

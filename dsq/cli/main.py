@@ -1,6 +1,7 @@
 """The `dsq` command group: user errors, failed file operations and Ctrl-C become one line and a
 non-zero exit (130 for Ctrl-C), never a traceback; the library's warnings become `warning: ...`
 lines on stderr, each said once."""
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Options shared by several commands, and turning them into library objects."""
+
 from __future__ import annotations
 
 import functools
@@ -6,14 +7,14 @@ import os
 
 import click
 
-from ..convert import DEFAULT_DEPTHWISE_BITS, DEFAULT_SCALE_DTYPE, SCALE_DTYPES
+from ..calibration import DEFAULT_CALIB_IMAGES, DEFAULT_FIT_IMAGES, DEFAULT_STEPS
+from ..config import DEFAULT_DEPTHWISE_BITS, CalibConfig, QuantConfig, quant_config
 from ..data import Preset, get_preset, open_dataset
 from ..data.folders import existing_folder
 from ..errors import DsqError
 from ..fileio import check_outputs
-from ..formats import DEFAULT_ROUNDS, DEFAULT_SUM_WEIGHT, LAYOUTS, METHODS
+from ..formats import DEFAULT_ROUNDS, DEFAULT_SCALE_DTYPE, DEFAULT_SUM_WEIGHT, LAYOUTS, METHODS, SCALE_DTYPES
 from ..formats.spec import MAX_BITS, MIN_BITS
-from ..calibration import DEFAULT_CALIB_IMAGES, DEFAULT_FIT_IMAGES, DEFAULT_STEPS
 from ..nn import BACKENDS, WEIGHT_MODES
 
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
@@ -21,10 +22,12 @@ DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 def stack(*decorators):
     """Apply click option decorators in the order they are listed (first one shows first)."""
+
     def apply(f):
         for d in reversed(decorators):
             f = d(f)
         return f
+
     return apply
 
 
@@ -105,131 +108,305 @@ class OutputStem(Outputs, click.ParamType):
 
 model_options = stack(
     click.argument("model", type=InputPath()),
-    click.option("--arch", help="Architecture of a weights file, when its name does not say it "
-                                "(e.g. resnet50, cifar_resnet20, efficientnet_lite0)."),
-    click.option("--trust-pickle", is_flag=True, default=False, show_default=True,
-                 help="Allow a full pickle checkpoint; it can run code, so only for files you trust."),
+    click.option(
+        "--arch",
+        help="Architecture of a weights file, when its name does not say it "
+        "(e.g. resnet50, cifar_resnet20, efficientnet_lite0).",
+    ),
+    click.option(
+        "--trust-pickle",
+        is_flag=True,
+        default=False,
+        show_default=True,
+        help="Allow a full pickle checkpoint; it can run code, so only for files you trust.",
+    ),
 )
 
 grid_options = stack(
-    click.option("-b", "--bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=4, show_default=True,
-                 help="Bits per weight integer (VQK)."),
-    click.option("--block", type=click.IntRange(min=1), default=32, show_default=True,
-                 help="Block size: weights sharing one scale (KDS), channels sharing one exponent."),
+    click.option(
+        "-b",
+        "--bits",
+        type=click.IntRange(MIN_BITS, MAX_BITS),
+        default=4,
+        show_default=True,
+        help="Bits per weight integer (VQK).",
+    ),
+    click.option(
+        "--block",
+        type=click.IntRange(min=1),
+        default=32,
+        show_default=True,
+        help="Block size: weights sharing one scale (KDS), channels sharing one exponent.",
+    ),
 )
 
 recipe_options = stack(
-    click.option("--method", type=click.Choice(METHODS), default="l2", show_default=True,
-                 help="How the KDS is fitted: closed-form L2 or KL divergence."),
-    click.option("--rounds", type=click.IntRange(min=0), default=DEFAULT_ROUNDS, show_default=True,
-                 help="L2 refinement rounds after the paper's one-pass fit (0: the paper's method)."),
-    click.option("--sum-weight", type=click.FloatRange(min=0), default=DEFAULT_SUM_WEIGHT, show_default=True,
-                 help="Weight of each block's sum error in the L2 scale fit (0: plain least squares, "
-                      "the paper's); the default suits inputs after BN + ReLU."),
-    click.option("--layout", type=click.Choice(LAYOUTS), default="auto", show_default=True,
-                 help="Block layout: channel blocks, flat (in-channels x taps) blocks, or auto "
-                      "(flat for grouped or depthwise convs with fewer input channels per group than the block)."),
-    click.option("--act/--no-act", "act", default=True, show_default=True,
-                 help="Round conv inputs to block floating point (BFP)."),
-    click.option("--act-bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=8, show_default=True,
-                 help="BFP mantissa bits, sign included."),
-    click.option("--act-block", type=click.IntRange(min=1), default=None,
-                 help="Channels per BFP block  [default: --block]"),
-    click.option("--quantize-image-input/--float-image-input", default=False, show_default=True,
-                 help="Round the first conv's input (the image) to BFP too."),
-    click.option("--include", multiple=True, default=("*",), show_default=True,
-                 help="Glob on layer names to quantize; repeatable."),
-    click.option("--exclude", "--keep-float", "exclude", multiple=True, default=(),
-                 help="Glob on layer names to keep float; repeatable."),
-    click.option("--layer-bits", type=GlobBits(), multiple=True, default=(),
-                 help="Give the layers whose names match GLOB BITS-bit weights instead of --bits "
-                      "(the first matching GLOB wins); repeatable, e.g. 'conv1=8'."),
-    click.option("--depthwise-bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=DEFAULT_DEPTHWISE_BITS,
-                 show_default=True, help="Bits of depthwise convs' weights (--layer-bits globs take precedence)."),
-    click.option("--quantize-linear/--float-linear", default=False, show_default=True,
-                 help="Quantize linear layers too (as 1x1 convs)."),
-    click.option("--scale-dtype", type=click.Choice(list(SCALE_DTYPES)), default=DEFAULT_SCALE_DTYPE,
-                 show_default=True, help="Precision of the KDS scales, in the model and in the -o file; "
-                                         "float16 saves 16 bits per block (4.5 instead of 5 bits per weight at "
-                                         "4 bits, block 32)."),
+    click.option(
+        "--method",
+        type=click.Choice(METHODS),
+        default="l2",
+        show_default=True,
+        help="How the KDS is fitted: closed-form L2 or KL divergence.",
+    ),
+    click.option(
+        "--rounds",
+        type=click.IntRange(min=0),
+        default=DEFAULT_ROUNDS,
+        show_default=True,
+        help="L2 refinement rounds after the paper's one-pass fit (0: the paper's method).",
+    ),
+    click.option(
+        "--sum-weight",
+        type=click.FloatRange(min=0),
+        default=DEFAULT_SUM_WEIGHT,
+        show_default=True,
+        help="Weight of each block's sum error in the L2 scale fit (0: plain least squares, "
+        "the paper's); the default suits inputs after BN + ReLU.",
+    ),
+    click.option(
+        "--layout",
+        type=click.Choice(LAYOUTS),
+        default="auto",
+        show_default=True,
+        help="Block layout: channel blocks, flat (in-channels x taps) blocks, or auto "
+        "(flat for grouped or depthwise convs with fewer input channels per group than the block).",
+    ),
+    click.option(
+        "--act/--no-act",
+        "act",
+        default=True,
+        show_default=True,
+        help="Round conv inputs to block floating point (BFP).",
+    ),
+    click.option(
+        "--act-bits",
+        type=click.IntRange(MIN_BITS, MAX_BITS),
+        default=8,
+        show_default=True,
+        help="BFP mantissa bits, sign included.",
+    ),
+    click.option(
+        "--act-block", type=click.IntRange(min=1), default=None, help="Channels per BFP block  [default: --block]"
+    ),
+    click.option(
+        "--quantize-image-input/--float-image-input",
+        default=False,
+        show_default=True,
+        help="Round the first conv's input (the image) to BFP too.",
+    ),
+    click.option(
+        "--include",
+        multiple=True,
+        default=("*",),
+        show_default=True,
+        help="Glob on layer names to quantize; repeatable.",
+    ),
+    click.option(
+        "--exclude",
+        "--keep-float",
+        "exclude",
+        multiple=True,
+        default=(),
+        help="Glob on layer names to keep float; repeatable.",
+    ),
+    click.option(
+        "--layer-bits",
+        type=GlobBits(),
+        multiple=True,
+        default=(),
+        help="Give the layers whose names match GLOB BITS-bit weights instead of --bits "
+        "(the first matching GLOB wins); repeatable, e.g. 'conv1=8'.",
+    ),
+    click.option(
+        "--depthwise-bits",
+        type=click.IntRange(MIN_BITS, MAX_BITS),
+        default=DEFAULT_DEPTHWISE_BITS,
+        show_default=True,
+        help="Bits of depthwise convs' weights (--layer-bits globs take precedence).",
+    ),
+    click.option(
+        "--quantize-linear/--float-linear",
+        default=False,
+        show_default=True,
+        help="Quantize linear layers too (as 1x1 convs).",
+    ),
+    click.option(
+        "--scale-dtype",
+        type=click.Choice(list(SCALE_DTYPES)),
+        default=DEFAULT_SCALE_DTYPE,
+        show_default=True,
+        help="Precision of the KDS scales, in the model and in the -o file; "
+        "float16 saves 16 bits per block (4.5 instead of 5 bits per weight at "
+        "4 bits, block 32).",
+    ),
 )
 
 format_options = stack(grid_options, recipe_options)
 
 backend_option = click.option(
-    "--backend", type=click.Choice(BACKENDS), default="simulate", show_default=True,
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="simulate",
+    show_default=True,
     help="How quantized layers compute: simulate (float32 arithmetic on the quantized values), int "
-         "(int8 weights x int8 BFP mantissas summed exactly; layers with a float input as exact) or exact "
-         "(simulate in float64, rounded once to float32: what int equals bit for bit).")
+    "(int8 weights x int8 BFP mantissas summed exactly; layers with a float input as exact) or exact "
+    "(simulate in float64, rounded once to float32: what int equals bit for bit).",
+)
 
 
-def quant_kwargs(o: dict) -> dict:
-    """The `dsq.quantize` arguments from the parsed format options."""
-    return dict(bits=o["bits"], block=o["block"], method=o["method"], rounds=o["rounds"],
-                sum_weight=o["sum_weight"], layout=o["layout"],
-                act_bits=o["act_bits"] if o["act"] else None, act_block=o["act_block"],
-                include=tuple(o["include"]), exclude=tuple(o["exclude"]), layer_bits=dict(o["layer_bits"]),
-                depthwise_bits=o["depthwise_bits"],
-                quantize_linear=o["quantize_linear"], quantize_image_input=o["quantize_image_input"],
-                scale_dtype=o["scale_dtype"])
+def quant_options(o: dict) -> dict:
+    """The options of `dsq.config.quant_config` from the parsed format options."""
+    return dict(
+        bits=o["bits"],
+        block=o["block"],
+        method=o["method"],
+        rounds=o["rounds"],
+        sum_weight=o["sum_weight"],
+        layout=o["layout"],
+        act_bits=o["act_bits"] if o["act"] else None,
+        act_block=o["act_block"],
+        include=tuple(o["include"]),
+        exclude=tuple(o["exclude"]),
+        layer_bits=dict(o["layer_bits"]),
+        depthwise_bits=o["depthwise_bits"],
+        quantize_linear=o["quantize_linear"],
+        quantize_image_input=o["quantize_image_input"],
+        scale_dtype=o["scale_dtype"],
+    )
+
+
+def config_from(o: dict) -> QuantConfig:
+    """The QuantConfig the parsed format options describe."""
+    return quant_config(**quant_options(o))
 
 
 calib_options = stack(
-    click.option("--calib", type=InputFolder(), default=None,
-                 help="Folder of unlabelled images to calibrate on (any images, sub-folders too; labels ignored). "
-                      "Images it shares with --data are left out of the evaluation."),
-    click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES, show_default=True,
-                 help="How many calibration images, taken in turn from the sub-folders of --calib."),
-    click.option("--act-search/--no-act-search", default=False, show_default=True,
-                 help="Give each layer the BFP mantissa bits and block size (at most --act-bits bits and "
-                      "--act-block's bits per activation, exponents included) that keep its output closest on the "
-                      "calibration images; before the refit."),
-    click.option("--refit/--no-refit", default=True, show_default=True,
-                 help="Refit each layer's integers and scales to its output on the calibration images."),
-    click.option("--refit-images", type=click.IntRange(min=1), default=DEFAULT_FIT_IMAGES, show_default=True,
-                 help="Calibration images the refit and bias correction run on, all at once (memory: the "
-                      "network's activations of that many images)."),
-    click.option("--bias-correction/--no-bias-correction", default=False, show_default=True,
-                 help="Give each quantized layer the float layer's mean output (adds a bias where none is)."),
-    click.option("--bn-reestimate/--no-bn-reestimate", default=False, show_default=True,
-                 help="Re-estimate BatchNorm statistics on the quantized network's activations."),
-    click.option("--adapt-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS, show_default=True,
-                 help="Distillation steps: the float network teaches the quantized one (0: none)."),
-    click.option("--adapt-time", type=click.FloatRange(min=0, min_open=True), default=None,
-                 help="Stop distillation after this many seconds  [default: no limit]"),
-    click.option("--adapt-weights", type=click.Choice(WEIGHT_MODES), default="fixed", show_default=True,
-                 help="During distillation: fixed keeps the integers and trains only the float parts, ste "
-                      "re-derives them through a straight-through estimator, learned learns each weight's "
-                      "rounding down or up from the float weight (AdaRound)."),
+    click.option(
+        "--calib",
+        type=InputFolder(),
+        default=None,
+        help="Folder of unlabelled images to calibrate on (any images, sub-folders too; labels ignored). "
+        "Images it shares with --data are left out of the evaluation.",
+    ),
+    click.option(
+        "--calib-images",
+        type=click.IntRange(min=1),
+        default=DEFAULT_CALIB_IMAGES,
+        show_default=True,
+        help="How many calibration images, taken in turn from the sub-folders of --calib.",
+    ),
+    click.option(
+        "--act-search/--no-act-search",
+        default=False,
+        show_default=True,
+        help="Give each layer the BFP mantissa bits and block size (at most --act-bits bits and "
+        "--act-block's bits per activation, exponents included) that keep its output closest on the "
+        "calibration images; before the refit.",
+    ),
+    click.option(
+        "--refit/--no-refit",
+        default=True,
+        show_default=True,
+        help="Refit each layer's integers and scales to its output on the calibration images.",
+    ),
+    click.option(
+        "--refit-images",
+        type=click.IntRange(min=1),
+        default=DEFAULT_FIT_IMAGES,
+        show_default=True,
+        help="Calibration images the refit and bias correction run on, all at once (memory: the "
+        "network's activations of that many images).",
+    ),
+    click.option(
+        "--bias-correction/--no-bias-correction",
+        default=False,
+        show_default=True,
+        help="Give each quantized layer the float layer's mean output (adds a bias where none is).",
+    ),
+    click.option(
+        "--bn-reestimate/--no-bn-reestimate",
+        default=False,
+        show_default=True,
+        help="Re-estimate BatchNorm statistics on the quantized network's activations.",
+    ),
+    click.option(
+        "--adapt-steps",
+        type=click.IntRange(min=0),
+        default=DEFAULT_STEPS,
+        show_default=True,
+        help="Distillation steps: the float network teaches the quantized one (0: none).",
+    ),
+    click.option(
+        "--adapt-time",
+        type=click.FloatRange(min=0, min_open=True),
+        default=None,
+        help="Stop distillation after this many seconds  [default: no limit]",
+    ),
+    click.option(
+        "--adapt-weights",
+        type=click.Choice(WEIGHT_MODES),
+        default="fixed",
+        show_default=True,
+        help="During distillation: fixed keeps the integers and trains only the float parts, ste "
+        "re-derives them through a straight-through estimator, learned learns each weight's "
+        "rounding down or up from the float weight (AdaRound).",
+    ),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration's random choices."),
 )
 
 
-def calib_kwargs(o: dict) -> dict | None:
-    """The `dsq.calibrate` arguments from the parsed calibration options (None without --calib)."""
+def calib_config_from(o: dict) -> CalibConfig | None:
+    """The CalibConfig the parsed calibration options describe (None without --calib)."""
     if not o["calib"]:
         return None
-    return dict(act_search=o["act_search"], refit=o["refit"], bias=o["bias_correction"],
-                batchnorm=o["bn_reestimate"], adapt_steps=o["adapt_steps"], adapt_seconds=o["adapt_time"],
-                adapt_weights=o["adapt_weights"], fit_images=o["refit_images"], seed=o["seed"])
+    return CalibConfig(
+        act_search=o["act_search"],
+        refit=o["refit"],
+        bias=o["bias_correction"],
+        batchnorm=o["bn_reestimate"],
+        adapt_steps=o["adapt_steps"],
+        adapt_seconds=o["adapt_time"],
+        adapt_weights=o["adapt_weights"],
+        fit_images=o["refit_images"],
+        seed=o["seed"],
+    )
 
 
 def data_options(required: bool):
     return stack(
-        click.option("--data", "data", type=InputFolder(), required=required,
-                     help="Labelled images: one sub-folder per class, or ImageNet val as Kaggle, the devkit or "
-                          "torchvision lay it out (the layout is detected and named)."),
-        click.option("--classes", type=InputPath(),
-                     help="Text file of class names in the model's output order, one per line "
-                          "(needed for wnid folders when not all 1000 are present, and for Kaggle's CSV)."),
-        click.option("--limit", type=click.IntRange(min=1), default=None,
-                     help="Evaluate N images spread evenly over the data  [default: all]"),
+        click.option(
+            "--data",
+            "data",
+            type=InputFolder(),
+            required=required,
+            help="Labelled images: one sub-folder per class, or ImageNet val as Kaggle, the devkit or "
+            "torchvision lay it out (the layout is detected and named).",
+        ),
+        click.option(
+            "--classes",
+            type=InputPath(),
+            help="Text file of class names in the model's output order, one per line "
+            "(needed for wnid folders when not all 1000 are present, and for Kaggle's CSV).",
+        ),
+        click.option(
+            "--limit",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Evaluate N images spread evenly over the data  [default: all]",
+        ),
         click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
-        click.option("-j", "--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS, show_default=True,
-                     help="Image decoding processes."),
+        click.option(
+            "-j",
+            "--workers",
+            type=click.IntRange(min=0),
+            default=DEFAULT_WORKERS,
+            show_default=True,
+            help="Image decoding processes.",
+        ),
         click.option("--device", default="cpu", show_default=True, help="Where to evaluate: cpu, cuda, cuda:1, ..."),
-        click.option("--preset", help="Preprocessing preset (imagenet, efficientnet_lite0/1/2, cifar10)  "
-                                      "[default: the model's]"),
+        click.option(
+            "--preset", help="Preprocessing preset (imagenet, efficientnet_lite0/1/2, cifar10)  [default: the model's]"
+        ),
         click.option("--resize", help="Override the preset's resize (shorter side, pixels)."),
         click.option("--crop", help="Override the preset's centre crop (pixels)."),
         click.option("--mean", help="Override the preset's mean, e.g. 0.485,0.456,0.406."),
@@ -268,10 +445,12 @@ def pass_options(f):
     """Collect every option into one dict argument `o` (commands read what they need), after the
     cheap checks that spare a doomed run its work: the input folders hold something, and every
     output can be written without destroying an input or another output (`fileio.check_outputs`)."""
+
     @functools.wraps(f)
     def wrapper(**o):
         check_paths(click.get_current_context().command.params, o)
         return f(o)
+
     return wrapper
 
 

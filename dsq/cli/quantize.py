@@ -1,4 +1,5 @@
 """`dsq quantize`: quantize a float model, report per layer, optionally evaluate and save."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,9 +11,21 @@ from ..errors import DsqError
 from ..fileio import write_json
 from ..models import load_model
 from ..workflow import quantize_and_evaluate
-from .options import (backend_option, calib_kwargs, calib_options, data_options, dataset_from, eval_kwargs,
-                      format_options, model_options, output_options, OutputFile, pass_options, preset_from,
-                      quant_kwargs)
+from .options import (
+    OutputFile,
+    backend_option,
+    calib_config_from,
+    calib_options,
+    config_from,
+    data_options,
+    dataset_from,
+    eval_kwargs,
+    format_options,
+    model_options,
+    output_options,
+    pass_options,
+    preset_from,
+)
 
 LOW_FLOAT_WARNING = 15.0  # points below the published top-1 that suggest wrong preprocessing or labels
 
@@ -22,8 +35,9 @@ LOW_FLOAT_WARNING = 15.0  # points below the published top-1 that suggest wrong 
 @format_options
 @data_options(required=False)
 @calib_options
-@click.option("-o", "--output", type=OutputFile(),
-              help="Write the quantized model here (a safetensors file dsq loads again).")
+@click.option(
+    "-o", "--output", type=OutputFile(), help="Write the quantized model here (a safetensors file dsq loads again)."
+)
 @backend_option
 @output_options
 @pass_options
@@ -33,22 +47,40 @@ def quantize_command(o):
     With --data, evaluate the float and the quantized model on the same images.
     """
     if artifact.is_dsq_file(o["model"]):
-        raise DsqError(f"{o['model']} is already a quantized dsq model: evaluate it with `dsq eval`, "
-                       "look inside with `dsq inspect`, or quantize the float checkpoint instead")
+        raise DsqError(
+            f"{o['model']} is already a quantized dsq model: evaluate it with `dsq eval`, "
+            "look inside with `dsq inspect`, or quantize the float checkpoint instead"
+        )
     loaded = load_model(o["model"], o["arch"], o["trust_pickle"])
     preset = preset_from(o, loaded.preset)
     dataset = dataset_from(o, preset)
     if dataset is not None:
         click.echo(f"data: {dataset.describe()}", err=True)
-    run = quantize_and_evaluate(loaded, dataset, eval_options=eval_kwargs(o), progress=not o["quiet"],
-                                calib=o["calib"], calib_images=o["calib_images"], calib_options=calib_kwargs(o),
-                                transform=preset.transform(), backend=o["backend"], **quant_kwargs(o))
+    run = quantize_and_evaluate(
+        loaded,
+        config_from(o),
+        dataset,
+        eval_options=eval_kwargs(o),
+        progress=not o["quiet"],
+        calib=o["calib"],
+        calib_images=o["calib_images"],
+        calib_config=calib_config_from(o),
+        transform=preset.transform(),
+        backend=o["backend"],
+    )
     if run.data and dataset is not None and run.data != dataset.describe():
         click.echo(f"evaluated on: {run.data}", err=True)
     show_run(run, quiet=o["quiet"])
     if o["output"]:
-        artifact.save(o["output"], run.qmodel, run.report, arch=loaded.arch, num_classes=loaded.num_classes,
-                      preset=preset.to_dict(), accuracy=run.accuracy_dict())
+        artifact.save(
+            o["output"],
+            run.qmodel,
+            run.report,
+            arch=loaded.arch,
+            num_classes=loaded.num_classes,
+            preset=preset.to_dict(),
+            accuracy=run.accuracy_dict(),
+        )
         click.echo(f"wrote {o['output']}: {file_size_note(o['output'], loaded.source, run.report.model_float_bytes)}")
     if o["json_path"]:
         write_json(o["json_path"], run.to_dict())
@@ -82,5 +114,8 @@ def show_run(run, quiet: bool = False) -> None:
 def warn_low_float(run) -> None:
     known, measured = run.loaded.known_top1, run.accuracy["float"]
     if known is not None and measured.images >= 500 and measured.top1 < known - LOW_FLOAT_WARNING:
-        click.echo(f"warning: float top-1 {measured.top1:.1f} % is far below the {known:.1f} % these weights "
-                   "reach: check the preprocessing (--preset) and the labels (--classes)", err=True)
+        click.echo(
+            f"warning: float top-1 {measured.top1:.1f} % is far below the {known:.1f} % these weights "
+            "reach: check the preprocessing (--preset) and the labels (--classes)",
+            err=True,
+        )

@@ -1,26 +1,41 @@
 """What `dsq sweep` and `dsq sensitivity` share: their output options, loading, and finishing."""
+
 from __future__ import annotations
 
 import click
 
+from ..calibration import calibration_set
 from ..data import check_labels
 from ..errors import DsqError
 from ..models import load_model
-from ..calibration import calibration_set
-from .options import OutputStem, calib_kwargs, dataset_from, preset_from, stack
+from .options import OutputStem, calib_config_from, dataset_from, preset_from, stack
 
 
 def run_options(default_output: str):
     return stack(
-        click.option("-o", "--output", type=OutputStem("json", "csv", "png"), default=default_output,
-                     show_default=True, metavar="STEM",
-                     help="Write STEM.json, STEM.csv and STEM.png; STEM.json is also where an interrupted run "
-                          "resumes from."),
-        click.option("--resume/--no-resume", default=True, show_default=True,
-                     help="Skip the models STEM.json already holds from a run with the same settings."),
-        click.option("--per-pass", type=click.IntRange(min=1), default=4, show_default=True,
-                     help="Models evaluated together on each pass over the images (each image is decoded once "
-                          "for all of them); results are saved after every pass."),
+        click.option(
+            "-o",
+            "--output",
+            type=OutputStem("json", "csv", "png"),
+            default=default_output,
+            show_default=True,
+            metavar="STEM",
+            help="Write STEM.json, STEM.csv and STEM.png; STEM.json is also where an interrupted run resumes from.",
+        ),
+        click.option(
+            "--resume/--no-resume",
+            default=True,
+            show_default=True,
+            help="Skip the models STEM.json already holds from a run with the same settings.",
+        ),
+        click.option(
+            "--per-pass",
+            type=click.IntRange(min=1),
+            default=4,
+            show_default=True,
+            help="Models evaluated together on each pass over the images (each image is decoded once "
+            "for all of them); results are saved after every pass.",
+        ),
     )
 
 
@@ -33,21 +48,29 @@ def load_model_and_data(o: dict):
     dataset = dataset_from(o, preset)
     calibration, calib_settings = None, None
     if o.get("calib"):
-        images, dataset = calibration_set(o["calib"], o["calib_images"], preset.transform(), dataset,
-                                          progress=not o["quiet"])
-        calibration = (images, {**calib_kwargs(o), "source": str(o["calib"])})
-        calib_settings = {"folder": str(o["calib"]), "images": len(images), **calib_kwargs(o)}
+        images, dataset = calibration_set(
+            o["calib"], o["calib_images"], preset.transform(), dataset, progress=not o["quiet"]
+        )
+        calibration = (images, calib_config_from(o))
+        calib_settings = {"folder": str(o["calib"]), "images": len(images), **calibration[1].to_dict()}
     click.echo(f"data: {dataset.describe()}", err=True)
     check_labels(dataset, loaded.num_classes)
-    settings = {"model": o["model"], "arch": loaded.arch, "data": dataset.describe(), "limit": o["limit"],
-                "preset": preset.to_dict(), "calibration": calib_settings}
+    settings = {
+        "model": o["model"],
+        "arch": loaded.arch,
+        "data": dataset.describe(),
+        "limit": o["limit"],
+        "preset": preset.to_dict(),
+        "calibration": calib_settings,
+    }
     return loaded, dataset, settings, calibration
 
 
 def announce(run) -> None:
     """Have `run` say how many models it resumes from STEM.json, once it has checked them."""
-    run.on_resume = lambda run: click.echo(f"resuming {run.path('json')}: {run.resumed} models already evaluated "
-                                           "there", err=True)
+    run.on_resume = lambda run: click.echo(
+        f"resuming {run.path('json')}: {run.resumed} models already evaluated there", err=True
+    )
 
 
 def finish(run, plot) -> None:

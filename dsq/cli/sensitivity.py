@@ -1,12 +1,12 @@
 """`dsq sensitivity`: which layers cost accuracy when quantized, ranked, and what to do about it."""
+
 from __future__ import annotations
 
 import click
 
 from .. import report
 from ..sensitivity import Sensitivity
-from .options import data_options, eval_kwargs, format_options, model_options, pass_options, quant_kwargs, \
-    quiet_option
+from .options import config_from, data_options, eval_kwargs, format_options, model_options, pass_options, quiet_option
 from .runs import announce, finish, load_model_and_data, run_options
 
 
@@ -24,7 +24,7 @@ def sensitivity_command(o):
     Act on it with --keep-float GLOB or --layer-bits GLOB=BITS on quantize and sweep.
     """
     loaded, dataset, settings, _ = load_model_and_data(o)
-    run = Sensitivity(quant_kwargs(o), settings=settings, output=o["output"], resume=o["resume"])
+    run = Sensitivity(config_from(o), settings=settings, output=o["output"], resume=o["resume"])
     announce(run)
     run.run(loaded.model, dataset, per_pass=o["per_pass"], progress=not o["quiet"], **eval_kwargs(o))
     base, everything = run.results["float"], run.results["all quantized"]

@@ -1,4 +1,5 @@
 """`dsq sweep`: accuracy over a grid of weight bits x block sizes, resumable."""
+
 from __future__ import annotations
 
 import click
@@ -6,17 +7,33 @@ import click
 from .. import report
 from ..formats.spec import MAX_BITS, MIN_BITS
 from ..sweep import Sweep
-from .options import (IntList, calib_options, data_options, eval_kwargs, model_options, pass_options, quant_kwargs,
-                      quiet_option, recipe_options)
+from .options import (
+    IntList,
+    calib_options,
+    data_options,
+    eval_kwargs,
+    model_options,
+    pass_options,
+    quant_options,
+    quiet_option,
+    recipe_options,
+)
 from .runs import announce, finish, load_model_and_data, run_options
 
 
 @click.command("sweep")
 @model_options
-@click.option("-b", "--bits", type=IntList(MIN_BITS, MAX_BITS), default="2,3,4,8", show_default=True,
-              help="Weight bits to try, comma-separated.")
-@click.option("--block", type=IntList(1), default="8,16,32,64,128", show_default=True,
-              help="Block sizes to try, comma-separated.")
+@click.option(
+    "-b",
+    "--bits",
+    type=IntList(MIN_BITS, MAX_BITS),
+    default="2,3,4,8",
+    show_default=True,
+    help="Weight bits to try, comma-separated.",
+)
+@click.option(
+    "--block", type=IntList(1), default="8,16,32,64,128", show_default=True, help="Block sizes to try, comma-separated."
+)
 @recipe_options
 @data_options(required=True)
 @calib_options
@@ -30,11 +47,12 @@ def sweep_command(o):
     Each point is saved as soon as its pass ends: run the same command again after an interruption
     and it continues where it stopped.
     """
-    options = quant_kwargs(o)
+    options = quant_options(o)
     bits, blocks = options.pop("bits"), options.pop("block")
     loaded, dataset, settings, calibration = load_model_and_data(o)
-    sweep = Sweep(bits, blocks, options, calibration=calibration, settings=settings, output=o["output"],
-                  resume=o["resume"])
+    sweep = Sweep(
+        bits, blocks, options, calibration=calibration, settings=settings, output=o["output"], resume=o["resume"]
+    )
     announce(sweep)
     sweep.run(loaded.model, dataset, per_pass=o["per_pass"], progress=not o["quiet"], **eval_kwargs(o))
     click.echo(report.sweep_table(sweep))

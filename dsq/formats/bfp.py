@@ -7,6 +7,7 @@ A step below the dtype's smallest subnormal is raised to it: every float of that
 whole multiple of it, so such a block keeps its values exactly, as the formula does, and no
 step underflows to 0 (0 / 0 would give NaN).
 """
+
 from __future__ import annotations
 
 import torch

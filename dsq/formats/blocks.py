@@ -6,6 +6,7 @@ One helper serves weights, activations, packing and the integer kernel alike:
 A block longer than the axis is the whole axis: one block, as wide as the axis, whatever
 the block size (so a huge block costs no memory).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,8 +17,18 @@ import torch.nn.functional as F
 from ..errors import DsqError
 from .spec import AUTO, CHANNEL, FLAT, LAYOUTS, check_block, check_layout
 
-__all__ = ["AUTO", "CHANNEL", "FLAT", "LAYOUTS", "BlockLayout", "blocked", "block_width", "n_blocks",
-           "resolve_layout", "unblocked"]
+__all__ = [
+    "AUTO",
+    "CHANNEL",
+    "FLAT",
+    "LAYOUTS",
+    "BlockLayout",
+    "blocked",
+    "block_width",
+    "n_blocks",
+    "resolve_layout",
+    "unblocked",
+]
 
 
 def n_blocks(length: int, block: int) -> int:

@@ -7,6 +7,7 @@ Both directions are vectorised: the only Python loop runs over the 8 codes of a 
 A conv weight's codes go in slice (KDS) order, the order of `BlockLayout.to_slices`, with
 the zero padding of ragged blocks left out: each block's codes sit together.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,8 +42,10 @@ def _checked_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes = codes.detach().reshape(-1)
     fractional = codes.is_floating_point() and not bool((codes == codes.round()).all())  # NaN too
     if codes.dtype == torch.bool or codes.is_complex() or fractional:
-        raise DsqError("codes to pack must be whole numbers (integers, or floats without a fraction), "
-                       f"got {str(codes.dtype).removeprefix('torch.')} values that are not")
+        raise DsqError(
+            "codes to pack must be whole numbers (integers, or floats without a fraction), "
+            f"got {str(codes.dtype).removeprefix('torch.')} values that are not"
+        )
     if codes.numel() and (codes.min().item() < lo or codes.max().item() > hi):
         raise DsqError(f"codes outside the {bits}-bit range [{lo}, {hi}] cannot be packed")
     return codes.to(torch.int16)
@@ -67,13 +70,16 @@ def unpack(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
         raise DsqError(f"the number of codes to unpack must be a whole number >= 0, got {count!r}")
     need = packed_size(count, bits)
     if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != need:
-        raise DsqError(f"packed {bits}-bit codes need {need} uint8 bytes for {count} codes, "
-                       f"got {packed.numel()} {str(packed.dtype).removeprefix('torch.')} values")
+        raise DsqError(
+            f"packed {bits}-bit codes need {need} uint8 bytes for {count} codes, "
+            f"got {packed.numel()} {str(packed.dtype).removeprefix('torch.')} values"
+        )
     rows = _pad(packed.to(torch.int16), bits).reshape(-1, bits).t()  # row k: byte k of every group
     rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
     mask, half = (1 << bits) - 1, 1 << (bits - 1)
-    unsigned = torch.stack([((rows[k] >> shift) | (rows[k + 1] << (8 - shift))) & mask
-                            for k, shift in _positions(bits)], dim=1).reshape(-1)[:count]
+    unsigned = torch.stack(
+        [((rows[k] >> shift) | (rows[k + 1] << (8 - shift))) & mask for k, shift in _positions(bits)], dim=1
+    ).reshape(-1)[:count]
     return ((unsigned ^ half) - half).to(torch.int8)  # sign-extend the b-bit two's complement
 
 

@@ -8,6 +8,7 @@ The fits compute in float64, where no sum of squares of float32 weights overflow
 float32 max) or underflows (denormal weights), and return `w`'s dtype, each scale limited so
 that alpha * q stays finite in it (`scale_limit`).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,9 +33,13 @@ def initial_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.round(w * scale).clamp_(lo, hi)
 
 
-def sum_aware_scale(w: torch.Tensor, q: torch.Tensor, sum_weight: float,
-                    w_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-                    limit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def sum_aware_scale(
+    w: torch.Tensor,
+    q: torch.Tensor,
+    sum_weight: float,
+    w_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    limit: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha minimising ||w - alpha q||^2 + sum_weight * (sum(w) - alpha sum(q))^2, and its L2 error;
     |alpha| at most `limit` when given (`scale_limit`).
 
@@ -159,8 +164,10 @@ def dequantize(vqk: torch.Tensor, kds: torch.Tensor, layout: BlockLayout) -> tor
 def _float32_weight(weight: torch.Tensor) -> torch.Tensor:
     """The weight as finite float32 numbers; DsqError for any other dtype, rank or value."""
     if not weight.is_floating_point() or weight.dim() not in (2, 4):
-        raise DsqError(f"only a floating-point 2-D (linear) or 4-D (conv) weight can be quantized, got "
-                       f"{str(weight.dtype).removeprefix('torch.')} of shape {tuple(weight.shape)}")
+        raise DsqError(
+            f"only a floating-point 2-D (linear) or 4-D (conv) weight can be quantized, got "
+            f"{str(weight.dtype).removeprefix('torch.')} of shape {tuple(weight.shape)}"
+        )
     w = weight.detach().float()
     if not bool(torch.isfinite(w).all()):
         raise DsqError("the weight holds NaN, infinite or beyond-float32 values: quantize a model with finite weights")

@@ -8,6 +8,7 @@ exactly the values that the integer kernel multiplies. `set_backend(model, "int"
 layers on integers instead (dsq.nn.int_backend), `set_backend(model, "exact")` runs the
 simulation in float64, rounded once (dsq.nn.exact_backend): the reference int equals bit for bit.
 """
+
 from __future__ import annotations
 
 import torch
@@ -16,7 +17,8 @@ import torch.nn as nn
 from ..errors import DsqError
 from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequantize, quantize_weight
 from .exact_backend import ExactWeight
-from .int_backend import IntWeight, check_int_device
+from .int_backend import IntWeight
+from .int_plan import check_int_device, check_int_kernel
 from .train import bfp_straight_through, trainable_mode, trained_weight, weight_parameter
 
 BACKENDS = ("simulate", "int", "exact")
@@ -100,8 +102,9 @@ class DSConv2d(DSConvMixin, nn.Conv2d):
     its initial weight is quantized at once. `to_dsconv` converts a trained conv.
     """
 
-    def __init__(self, *args, weight_format: WeightFormat = WeightFormat(),
-                 act_format: ActFormat | None = ActFormat(), **kwargs):
+    def __init__(
+        self, *args, weight_format: WeightFormat = WeightFormat(), act_format: ActFormat | None = ActFormat(), **kwargs
+    ):
         nn.Conv2d.__init__(self, *args, **kwargs)
         self._install(self._parameters["weight"].detach(), weight_format, act_format)
 
@@ -111,8 +114,9 @@ class DSLinear(DSConvMixin, nn.Linear):
 
     act_dim = -1
 
-    def __init__(self, *args, weight_format: WeightFormat = WeightFormat(),
-                 act_format: ActFormat | None = ActFormat(), **kwargs):
+    def __init__(
+        self, *args, weight_format: WeightFormat = WeightFormat(), act_format: ActFormat | None = ActFormat(), **kwargs
+    ):
         nn.Linear.__init__(self, *args, **kwargs)
         self._install(self._parameters["weight"].detach(), weight_format, act_format)
 
@@ -141,7 +145,7 @@ def to_dsconv(module: nn.Module, weight_format: WeightFormat, act_format: ActFor
     return module
 
 
-def set_backend(model: nn.Module, backend: str) -> list[str]:
+def set_backend(model: nn.Module, backend: str, kernel: str = "auto") -> list[str]:
     """Make every DSConv layer of `model` compute with `backend`, and return the names of the
     layers that now run on integers.
 
@@ -151,29 +155,41 @@ def set_backend(model: nn.Module, backend: str) -> list[str]:
     activation quantization off) compute as under "exact". "exact": the simulated arithmetic
     in float64, rounded once to float32 (dsq.nn.exact_backend). "int" and "exact" are for
     inference and refuse a trainable model.
+
+    `kernel` chooses how "int" runs: "auto" takes the C++ CPU kernel (dsq/nn/csrc) where it
+    applies (ungrouped convs and linear layers with channel-layout weights, on a CPU with
+    AVX-512) and the eager path elsewhere; "eager" takes the eager path everywhere. The result
+    is the same bit for bit.
     """
     check_backend(backend)
+    check_int_kernel(kernel)
     layers = {name: m for name, m in model.named_modules() if is_dsconv(m)}
     if not layers:
         raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize)")
     if backend != "simulate":
         wide = next((name for name, m in layers.items() if m.kds.dtype != torch.float32), None)
         if wide is not None:
-            raise DsqError(f"the {backend} backend computes in float32, but layer {wide!r} is "
-                           f"{str(layers[wide].kds.dtype).removeprefix('torch.')}: use the simulate backend, "
-                           "or quantize a float32 model")
+            raise DsqError(
+                f"the {backend} backend computes in float32, but layer {wide!r} is "
+                f"{str(layers[wide].kds.dtype).removeprefix('torch.')}: use the simulate backend, "
+                "or quantize a float32 model"
+            )
         trainable = [name for name, m in layers.items() if trainable_mode(m)]
         if trainable:
-            raise DsqError(f"the model is trainable ({len(trainable)} DSConv layers, e.g. {trainable[0]!r}) and the "
-                           f"{backend} backend would run on stale integers: dsq.nn.freeze(model) first")
+            raise DsqError(
+                f"the model is trainable ({len(trainable)} DSConv layers, e.g. {trainable[0]!r}) and the "
+                f"{backend} backend would run on stale integers: dsq.nn.freeze(model) first"
+            )
     if backend == "int":
         if all(m.act_format is None for m in layers.values()):
-            raise DsqError("the int backend needs BFP inputs, but every layer has a float input: "
-                           "quantize with activation quantization on (act_bits, --act)")
+            raise DsqError(
+                "the int backend needs BFP inputs, but every layer has a float input: "
+                "quantize with activation quantization on (act_bits, --act)"
+            )
         for m in layers.values():
             check_int_device(m.vqk.device)
     for m in layers.values():
-        m.backend = backend
+        m.backend, m.int_kernel = backend, kernel
         m._cache = None  # the int and exact backends need no float32 weight
     return [name for name, m in layers.items() if m.runs_int]
 
@@ -199,8 +215,14 @@ def layer_kind(module: nn.Module) -> str:
     return "grouped"
 
 
-def from_quantized(module: nn.Module, vqk: torch.Tensor, kds: torch.Tensor, layout: BlockLayout,
-                   weight_format: WeightFormat, act_format: ActFormat | None) -> nn.Module:
+def from_quantized(
+    module: nn.Module,
+    vqk: torch.Tensor,
+    kds: torch.Tensor,
+    layout: BlockLayout,
+    weight_format: WeightFormat,
+    act_format: ActFormat | None,
+) -> nn.Module:
     """Turn `module` into its DSConv version in place with the given VQK and KDS (no fitting),
     e.g. to load a saved model into a float skeleton."""
     module.__class__ = dsconv_class(type(module))

@@ -1,4 +1,5 @@
 """The `weight` of a DSConv layer under a backend with its own conv and linear ("int", "exact")."""
+
 from __future__ import annotations
 
 from typing import Callable
@@ -19,8 +20,7 @@ class StandInWeight(torch.Tensor):
 
     @staticmethod
     def __new__(cls, layer):
-        self = torch.Tensor._make_wrapper_subclass(cls, layer.vqk.shape, dtype=layer.kds.dtype,
-                                                   device=layer.vqk.device)
+        self = torch.Tensor._make_wrapper_subclass(cls, layer.vqk.shape, dtype=layer.kds.dtype, device=layer.vqk.device)
         self.layer = layer
         return self
 

@@ -14,13 +14,14 @@
 
 BFP inputs pass gradients straight through (DSConvMixin.quantize_input); see docs/training.md.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 from ..errors import DsqError
-from ..formats import ActFormat, BlockLayout, bfp_quantize
+from ..formats import ActFormat, BlockLayout, bfp_quantize, round_scales
 from ..formats.weights import code_range
 
 WEIGHT_MODES = ("ste", "fixed", "learned")
@@ -99,14 +100,16 @@ def learned_codes(rounding: torch.Tensor, base: torch.Tensor, bits: int, hard: b
     return (base + (up >= 0.5).to(base.dtype) if hard else base + up).clamp(lo, hi)
 
 
-def learned_weight(rounding: torch.Tensor, base: torch.Tensor, kds: torch.Tensor, layout: BlockLayout,
-                   bits: int) -> torch.Tensor:
+def learned_weight(
+    rounding: torch.Tensor, base: torch.Tensor, kds: torch.Tensor, layout: BlockLayout, bits: int
+) -> torch.Tensor:
     """alpha * clamp(base + h(V), lo, hi): the weight of a weights="learned" layer."""
     return learned_codes(rounding, base, bits) * _scales(kds, layout, base.shape)
 
 
-def initial_rounding(reference: torch.Tensor, codes: torch.Tensor,
-                     scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def initial_rounding(
+    reference: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(base, V) for weights="learned" from the float weight `reference`, the stored codes q and
     each weight's scale: a weight chooses between base and base + 1, namely q and q's neighbour
     on the side of reference / alpha (floor and ceil of reference / alpha where q is its nearest
@@ -148,7 +151,7 @@ def trained_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def trainable_mode(layer: nn.Module) -> str | None:
-    """"ste", "fixed", "learned", or None for a DSConv layer that is not trainable (inference)."""
+    """ "ste", "fixed", "learned", or None for a DSConv layer that is not trainable (inference)."""
     if LATENT in layer._parameters:
         return "ste"
     if ROUNDING in layer._parameters:
@@ -176,8 +179,9 @@ def _qualified(name: str, leaf: str) -> str:
     return f"{name}.{leaf}" if name else leaf
 
 
-def make_trainable(model: nn.Module, weights: str = "ste",
-                   reference: nn.Module | None = None) -> dict[str, nn.Parameter]:
+def make_trainable(
+    model: nn.Module, weights: str = "ste", reference: nn.Module | None = None
+) -> dict[str, nn.Parameter]:
     """Make every DSConv layer of `model` trainable, in place; returns the new parameters by
     their qualified names ("<layer>.kds", "<layer>.latent", "<layer>.rounding"), in module order.
 
@@ -198,12 +202,16 @@ def make_trainable(model: nn.Module, weights: str = "ste",
     layers = _dsconv_layers(model)
     for name, m in layers:
         if m.backend != "simulate":
-            raise DsqError(f"layer {name!r} runs the {m.backend} backend, which has no gradient: "
-                           "dsq.nn.set_backend(model, 'simulate') before make_trainable")
+            raise DsqError(
+                f"layer {name!r} runs the {m.backend} backend, which has no gradient: "
+                "dsq.nn.set_backend(model, 'simulate') before make_trainable"
+            )
         mode = trainable_mode(m)
         if mode not in (None, weights):
-            raise DsqError(f"layer {name!r} is already trainable with weights={mode!r}: "
-                           f"dsq.nn.freeze(model) before make_trainable(weights={weights!r})")
+            raise DsqError(
+                f"layer {name!r} is already trainable with weights={mode!r}: "
+                f"dsq.nn.freeze(model) before make_trainable(weights={weights!r})"
+            )
     references = _reference_weights(layers, reference) if weights == "learned" else {}
     params = {}
     for name, m in layers:
@@ -227,18 +235,24 @@ def make_trainable(model: nn.Module, weights: str = "ste",
 def _reference_weights(layers: list[tuple[str, nn.Module]], reference: nn.Module | None) -> dict[str, torch.Tensor]:
     """Each DSConv layer's float weight in `reference`, by layer name, float32 on the layer's device."""
     if reference is None:
-        raise DsqError("weights='learned' starts from the float weights: pass the float model "
-                       "the DSConv model was quantized from (make_trainable(..., reference=float_model))")
+        raise DsqError(
+            "weights='learned' starts from the float weights: pass the float model "
+            "the DSConv model was quantized from (make_trainable(..., reference=float_model))"
+        )
     weights = {}
     for name, m in layers:
         try:
             weight = reference.get_submodule(name).weight
         except AttributeError:
-            raise DsqError(f"the reference model has no layer {name!r} with a weight: pass the float model "
-                           "the DSConv model was quantized from") from None
+            raise DsqError(
+                f"the reference model has no layer {name!r} with a weight: pass the float model "
+                "the DSConv model was quantized from"
+            ) from None
         if weight.numel() != m.vqk.numel():
-            raise DsqError(f"layer {name!r}: the reference weight has shape {tuple(weight.shape)}, "
-                           f"the DSConv layer {tuple(m.vqk.shape)}")
+            raise DsqError(
+                f"layer {name!r}: the reference weight has shape {tuple(weight.shape)}, "
+                f"the DSConv layer {tuple(m.vqk.shape)}"
+            )
         weights[name] = weight.detach().float().reshape(m.vqk.shape).to(m.vqk.device)
     return weights
 
@@ -260,34 +274,29 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 @torch.no_grad()
-def freeze(model: nn.Module, scale_dtype: str | None = None) -> list[str]:
+def freeze(model: nn.Module) -> list[str]:
     """Turn every trainable DSConv layer of `model` back into an inference layer, in place;
     returns the names of the layers it froze.
 
     The trained integers go into the int8 `vqk` buffer: clamp(round(latent / alpha)) ("ste"),
     clamp(base + 1{h(V) >= 1/2}) ("learned": each rounding decided); `kds` becomes a buffer
-    holding the trained scales, `latent` / `rounding` are deleted. In eval mode the frozen model
-    computes what the trainable one did ("learned": with every h(V) rounded to 0 or 1).
-    `scale_dtype` ("float16" or "float32") rounds the scales to the precision a saved file keeps
-    (dsq.save refuses scales it would change); None keeps them as trained (float32).
-    """
-    dtype = None
-    if scale_dtype is not None:
-        from ..convert import scale_torch_dtype  # convert imports dsq.nn
+    holding the trained scales rounded to each layer's `weight_format.scale_dtype` (the precision
+    a saved file keeps; DsqError, and no layer changed, when a scale exceeds it); `latent` /
+    `rounding` are deleted. In eval mode the frozen model computes what the trainable one did
+    ("learned": with every h(V) rounded to 0 or 1), with the rounded scales.
 
-        dtype = scale_torch_dtype(scale_dtype)
+    Example:
+        >>> import torch.nn as nn
+        >>> from dsq.nn import DSConv2d, freeze, make_trainable
+        >>> model = nn.Sequential(DSConv2d(8, 4, 1))
+        >>> _ = make_trainable(model)
+        >>> freeze(model)
+        ['0']
+    """
     scales = {}  # every layer's final scales, checked before any layer changes
     for name, m in _dsconv_layers(model):
-        if trainable_mode(m) is None:
-            continue
-        kds = m.kds.detach().clone()
-        if dtype is not None:
-            stored = kds.to(dtype)
-            if not bool(torch.isfinite(stored).all()):
-                raise DsqError(f"layer {name!r}: a trained scale exceeds the {scale_dtype} range; "
-                               "use scale dtype float32")
-            kds = stored.to(kds.dtype)
-        scales[name] = (m, kds)
+        if trainable_mode(m) is not None:
+            scales[name] = (m, round_scales(m.kds.detach().clone(), m.weight_format.scale_dtype, f"layer {name!r}"))
     for m, kds in scales.values():
         if trainable_mode(m) == "ste":  # the codes of the scales trained with, as the forward computed them
             codes = latent_codes(m.latent, _scales(m.kds, m.layout, m.vqk.shape), m.weight_format.bits)

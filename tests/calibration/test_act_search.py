@@ -1,4 +1,5 @@
 """The activation search of dsq.calibrate: the budget, what it chooses, and that the choice lasts."""
+
 from __future__ import annotations
 
 import copy
@@ -7,11 +8,12 @@ import pytest
 import torch
 
 import dsq
-import zoo
 from dsq.calibration import calibrate
 from dsq.calibration.act_search import bits_per_activation, candidates
 from dsq.formats import ActFormat
 from dsq.nn import is_dsconv, set_backend
+
+import zoo
 
 ARCH = "cifar_resnet20"
 OUTLIER_LAYER = "layer3.1.conv2"  # 64 input channels, after layer3.1.bn1 and a ReLU
@@ -44,8 +46,9 @@ def act_formats(qmodel) -> dict[str, ActFormat | None]:
     return {name: m.act_format for name, m in qmodel.named_modules() if is_dsconv(m)}
 
 
-@pytest.mark.parametrize("current", [ActFormat(8, 32), ActFormat(4, 32), ActFormat(3, 4), ActFormat(2, 1),
-                                     ActFormat(5, 48)])
+@pytest.mark.parametrize(
+    "current", [ActFormat(8, 32), ActFormat(4, 32), ActFormat(3, 4), ActFormat(2, 1), ActFormat(5, 48)]
+)
 def test_candidates_never_cost_more_than_the_current_setting(current):
     options = candidates(current)
     assert options[0] == current and len(set(options)) == len(options)

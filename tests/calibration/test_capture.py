@@ -1,4 +1,5 @@
 """route_calls: each layer's actual kernel call, in execution order, and its unfolded input."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,9 +8,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dsq
-import zoo
 from dsq.calibration.capture import route_calls
 from dsq.nn import is_dsconv
+
+import zoo
 
 
 class SamePadConv(nn.Conv2d):
@@ -46,7 +48,7 @@ def test_patches_times_weight_rows_is_the_layer_output(name):
     patches = call.patches()  # (G, D, M)
     groups = patches.shape[0]
     w = layer.weight.reshape(groups, layer.weight.shape[0] // groups, -1)
-    rebuilt = (w @ patches)  # (G, O/G, M)
+    rebuilt = w @ patches  # (G, O/G, M)
     if name == "linear":
         expected = (out - layer.bias).T[None]
     else:
@@ -66,6 +68,7 @@ def test_layers_are_seen_in_execution_order_with_their_bfp_input():
         order.append(call.name)
         if call.layer.act_format is not None:  # the kernel gets the BFP-rounded input
             from dsq.formats import bfp_quantize
+
             inputs_on_grid.append(torch.equal(bfp_quantize(call.input, call.layer.act_format), call.input))
         return call.run()
 

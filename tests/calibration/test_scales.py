@@ -1,4 +1,5 @@
 """Data-aware VQK/KDS (dsq.calibration.scales): the output error on the inputs, not the weight error."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,11 +22,14 @@ def correlated_inputs(groups: int, dim: int, n: int = 4000, seed: int = 0) -> to
     return (x @ x.transpose(1, 2)).double() / n
 
 
-@pytest.mark.parametrize("kind,shape,block", [
-    ("channel", (8, 40, 3, 3), 16),  # ragged channel blocks
-    ("flat", (8, 5, 3, 3), 16),      # blocks over in-channels x taps
-    ("channel", (6, 20, 1, 1), 8),
-])
+@pytest.mark.parametrize(
+    "kind,shape,block",
+    [
+        ("channel", (8, 40, 3, 3), 16),  # ragged channel blocks
+        ("flat", (8, 5, 3, 3), 16),  # blocks over in-channels x taps
+        ("channel", (6, 20, 1, 1), 8),
+    ],
+)
 def test_slice_columns_cover_every_column_once_in_kds_order(kind, shape, block):
     layout = BlockLayout(kind, block, shape)
     columns, lengths = slice_columns(layout)
@@ -37,12 +41,15 @@ def test_slice_columns_cover_every_column_once_in_kds_order(kind, shape, block):
     flat = w[0].reshape(-1)
     start = 0
     for s, n in enumerate(lengths.tolist()):
-        assert torch.equal(rows[s][rows[s] != 0], flat[columns[start:start + n]][flat[columns[start:start + n]] != 0])
+        assert torch.equal(
+            rows[s][rows[s] != 0], flat[columns[start : start + n]][flat[columns[start : start + n]] != 0]
+        )
         start += n
 
 
-@pytest.mark.parametrize("groups,shape,kind", [(1, (16, 24, 3, 3), "channel"), (4, (16, 6, 3, 3), "flat"),
-                                               (1, (12, 40, 1, 1), "channel")])
+@pytest.mark.parametrize(
+    "groups,shape,kind", [(1, (16, 24, 3, 3), "channel"), (4, (16, 6, 3, 3), "flat"), (1, (12, 40, 1, 1), "channel")]
+)
 @pytest.mark.parametrize("bits", [2, 4])
 def test_data_aware_fit_lowers_the_output_error(groups, shape, kind, bits):
     torch.manual_seed(1)

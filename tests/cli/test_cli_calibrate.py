@@ -15,9 +15,30 @@ pytestmark = pytest.mark.realdata
 def calibrated_run(tmp_path_factory):
     need(RESNET20), need(CIFAR)
     folder = tmp_path_factory.mktemp("calibrated")
-    result = run_dsq("quantize", RESNET20, "--bits", 3, "--calib", CIFAR, "--calib-images", 40, "--refit-images", 24,
-                     "--adapt-steps", 4,
-                     "--data", CIFAR, "--limit", 100, "-j", 0, "--json", folder / "run.json", "-o", folder / "m.dsq")
+    result = run_dsq(
+        "quantize",
+        RESNET20,
+        "--bits",
+        3,
+        "--calib",
+        CIFAR,
+        "--calib-images",
+        40,
+        "--refit-images",
+        24,
+        "--adapt-steps",
+        4,
+        "--data",
+        CIFAR,
+        "--limit",
+        100,
+        "-j",
+        0,
+        "--json",
+        folder / "run.json",
+        "-o",
+        folder / "m.dsq",
+    )
     assert result.exit_code == 0, result.output
     return result, json.loads((folder / "run.json").read_text()), folder
 
@@ -34,7 +55,8 @@ def test_the_table_and_json_show_output_sqnr_before_and_after(calibrated_run):
     rows = table_rows(result.stdout, "layer")
     assert list(rows) == RESNET20_CONVS + ["linear"]
     cal = j["quantization"]["calibration"]
-    assert cal["images"] == 40 and cal["fit_images"] == 24 and list(cal["stages"]) == ["refit", "adapt"] and cal["adapt"]["steps"] == 4
+    assert cal["images"] == 40 and cal["fit_images"] == 24 and list(cal["stages"]) == ["refit", "adapt"]
+    assert cal["adapt"]["steps"] == 4
     layers = [layer for layer in j["quantization"]["layers"] if layer["quantized"]]
     assert all(isinstance(layer["out_sqnr_before_db"], float) for layer in layers)
     assert sum(layer["out_sqnr_after_db"] for layer in layers) > sum(layer["out_sqnr_before_db"] for layer in layers)
@@ -58,8 +80,29 @@ def test_an_empty_calibration_folder_is_a_one_line_error(tmp_path):
 
 def test_sweep_calibrates_every_point(tmp_path):
     need(RESNET20), need(CIFAR)
-    result = run_dsq("sweep", RESNET20, "--bits", "2", "--block", "32", "--calib", CIFAR, "--calib-images", 30,
-                     "--adapt-steps", 0, "--data", CIFAR, "--limit", 60, "-j", 0, "-q", "-o", tmp_path / "s")
+    result = run_dsq(
+        "sweep",
+        RESNET20,
+        "--bits",
+        "2",
+        "--block",
+        "32",
+        "--calib",
+        CIFAR,
+        "--calib-images",
+        30,
+        "--adapt-steps",
+        0,
+        "--data",
+        CIFAR,
+        "--limit",
+        60,
+        "-j",
+        0,
+        "-q",
+        "-o",
+        tmp_path / "s",
+    )
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "s.json").read_text())
     assert saved["settings"]["calibration"]["images"] == 30

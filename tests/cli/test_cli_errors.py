@@ -17,19 +17,11 @@ import pytest
 import torch
 
 from dsq.models import build_model
-from dsq_cli_testkit import (CIFAR, IMAGENET_DEV, RESNET20, WNIDS, error_line, folder_listing, need, run_dsq)
+
+from conftest import link
+from dsq_cli_testkit import CIFAR, IMAGENET_DEV, RESNET20, WNIDS, error_line, folder_listing, need, run_dsq
 
 pytestmark = pytest.mark.realdata
-
-
-def link(src: Path, dst: Path) -> Path:
-    """Symlink a real file into tmp_path (a copy where symlinks are not allowed)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        dst.symlink_to(src)
-    except OSError:
-        dst.write_bytes(src.read_bytes())
-    return dst
 
 
 def cifar_folder(root: Path, classes: list[str], per_class: int = 2) -> Path:
@@ -137,8 +129,7 @@ def _imagenet_files_without_class_list(tmp: Path):
 
 
 def _imagenet_labels_for_cifar_model(tmp: Path):
-    return ([need(RESNET20), "--data", need(IMAGENET_DEV), "--classes", need(WNIDS)],
-            ["1000 classes", "predicts 10"])
+    return ([need(RESNET20), "--data", need(IMAGENET_DEV), "--classes", need(WNIDS)], ["1000 classes", "predicts 10"])
 
 
 def _undecodable_image(tmp: Path):
@@ -162,8 +153,10 @@ def _bad_resize(tmp: Path):
 
 
 def _bad_device(tmp: Path):
-    return ([need(RESNET20), "--data", need(CIFAR), "--limit", 10, "--device", "abacus"],
-            ["abacus", "not available", "--device cpu"])
+    return (
+        [need(RESNET20), "--data", need(CIFAR), "--limit", 10, "--device", "abacus"],
+        ["abacus", "not available", "--device cpu"],
+    )
 
 
 QUANTIZE_CASES = {
@@ -245,11 +238,25 @@ def test_eval_without_data_is_a_usage_error(out):
 # ---- option values click refuses (usage errors, exit 2) ----------------------------------------
 
 
-@pytest.mark.parametrize("option, value", [
-    ("--bits", 0), ("--bits", 9), ("-b", 1), ("--block", 0), ("--block", -32), ("--act-bits", 1),
-    ("--act-bits", 9), ("--act-block", 0), ("--rounds", -1), ("--limit", 0), ("--batch-size", 0),
-    ("--bits", "four"), ("--method", "max"), ("--layout", "diagonal"),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--bits", 0),
+        ("--bits", 9),
+        ("-b", 1),
+        ("--block", 0),
+        ("--block", -32),
+        ("--act-bits", 1),
+        ("--act-bits", 9),
+        ("--act-block", 0),
+        ("--rounds", -1),
+        ("--limit", 0),
+        ("--batch-size", 0),
+        ("--bits", "four"),
+        ("--method", "max"),
+        ("--layout", "diagonal"),
+    ],
+)
 def test_quantize_refuses_nonsense_option_values(option, value, out):
     result = run_dsq("quantize", need(RESNET20), option, value, "-o", out / "model.dsq", "--json", out / "r.json")
     line = error_line(result, str(value), usage=True)
@@ -282,8 +289,9 @@ def test_eval_json_at_an_existing_folder(out, resnet20_run):
 
 
 def test_output_into_a_missing_folder(tmp_path, out):
-    result = run_dsq("quantize", need(RESNET20), "-q", "-o", tmp_path / "missing" / "model.dsq",
-                     "--json", out / "run.json")
+    result = run_dsq(
+        "quantize", need(RESNET20), "-q", "-o", tmp_path / "missing" / "model.dsq", "--json", out / "run.json"
+    )
     error_line(result, "missing", "does not exist")
     assert folder_listing(out) == []
 
@@ -293,13 +301,15 @@ def test_output_into_a_missing_folder_writes_nothing_elsewhere(tmp_path, out):
     result = run_dsq("quantize", need(RESNET20), "-q", "-o", tmp_path / "missing" / "model.dsq")
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.strip().splitlines() == [
-        f"Error: cannot write {tmp_path / 'missing' / 'model.dsq'}: folder {tmp_path / 'missing'} does not exist"]
+        f"Error: cannot write {tmp_path / 'missing' / 'model.dsq'}: folder {tmp_path / 'missing'} does not exist"
+    ]
     assert not (tmp_path / "missing").exists()
 
 
 def test_json_into_a_missing_folder_leaves_no_model_file(tmp_path, out):
-    result = run_dsq("quantize", need(RESNET20), "-q", "-o", out / "model.dsq",
-                     "--json", tmp_path / "missing" / "run.json")
+    result = run_dsq(
+        "quantize", need(RESNET20), "-q", "-o", out / "model.dsq", "--json", tmp_path / "missing" / "run.json"
+    )
     assert result.exit_code == 1
     assert folder_listing(out) == []
     error_line(result, "missing", "does not exist")
@@ -321,7 +331,7 @@ def test_failed_run_keeps_the_previous_output_file(tmp_path, out):
 
 def _eval_of_a_damaged_dsq_file(resnet20_run, tmp_path, out, keep) -> str:
     data = resnet20_run.model_file.read_bytes()
-    (tmp_path / "model.dsq").write_bytes(data[:keep(len(data))])
+    (tmp_path / "model.dsq").write_bytes(data[: keep(len(data))])
     result = run_dsq("eval", tmp_path / "model.dsq", "--data", need(CIFAR), "--json", out / "eval.json")
     line = error_line(result, "model.dsq")
     assert folder_listing(out) == []

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.realdata
 
 
 def test_quantized_file_scores_exactly_what_quantize_reported(resnet20_run, tmp_path):
-    result = run_dsq("eval", resnet20_run.model_file, "--data", CIFAR, "--limit", LIMIT, "-j", 0,
-                     "--json", tmp_path / "eval.json")
+    result = run_dsq(
+        "eval", resnet20_run.model_file, "--data", CIFAR, "--limit", LIMIT, "-j", 0, "--json", tmp_path / "eval.json"
+    )
     assert result.exit_code == 0, result.output
     acc = accuracy_rows(result.stdout)
     assert list(acc) == ["quantized"]
@@ -25,7 +26,10 @@ def test_quantized_file_scores_exactly_what_quantize_reported(resnet20_run, tmp_
     want = resnet20_run.json["accuracy"]["quantized"]
     assert got["kind"] == "quantized" and got["model"] == str(resnet20_run.model_file)
     assert (got["accuracy"]["top1"], got["accuracy"]["top5"], got["accuracy"]["images"]) == (
-        want["top1"], want["top5"], want["images"])
+        want["top1"],
+        want["top5"],
+        want["images"],
+    )
     assert set(got["versions"]) >= {"dsq", "torch", "python"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
 
@@ -45,8 +49,21 @@ def test_torchvision_state_dict_runs_with_a_preset(tmp_path):
     torch.manual_seed(0)
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), weights)
-    result = run_dsq("eval", weights, "--preset", "cifar10", "--data", CIFAR, "--limit", 50, "-j", 0, "-q",
-                     "--json", tmp_path / "eval.json")
+    result = run_dsq(
+        "eval",
+        weights,
+        "--preset",
+        "cifar10",
+        "--data",
+        CIFAR,
+        "--limit",
+        50,
+        "-j",
+        0,
+        "-q",
+        "--json",
+        tmp_path / "eval.json",
+    )
     assert result.exit_code == 0, result.output
     acc = accuracy_rows(result.stdout)
     assert list(acc) == ["float"] and acc["float"].images == 50

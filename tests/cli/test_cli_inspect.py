@@ -9,9 +9,19 @@ import re
 import pytest
 from safetensors import safe_open
 
-from dsq.convert import DEFAULT_SCALE_DTYPE
-from dsq_cli_testkit import (CIFAR, RESNET20, RESNET20_CONVS, accuracy_rows, error_line, folder_listing, need,
-                             run_dsq, table_rows)
+from dsq.formats import DEFAULT_SCALE_DTYPE
+
+from dsq_cli_testkit import (
+    CIFAR,
+    RESNET20,
+    RESNET20_CONVS,
+    accuracy_rows,
+    error_line,
+    folder_listing,
+    need,
+    run_dsq,
+    table_rows,
+)
 
 pytestmark = pytest.mark.realdata
 
@@ -26,8 +36,23 @@ def other_run(tmp_path_factory):
     """`dsq quantize resnet20 --bits 3 --scale-dtype OTHER --data ... --limit 100 -o model.dsq`."""
     need(RESNET20), need(CIFAR)
     path = tmp_path_factory.mktemp("r20_3bit") / "model.dsq"
-    result = run_dsq("quantize", RESNET20, "--bits", 3, "--scale-dtype", OTHER_SCALE_DTYPE, "--data", CIFAR,
-                     "--limit", LIMIT_3BIT, "-j", 0, "-q", "-o", path)
+    result = run_dsq(
+        "quantize",
+        RESNET20,
+        "--bits",
+        3,
+        "--scale-dtype",
+        OTHER_SCALE_DTYPE,
+        "--data",
+        CIFAR,
+        "--limit",
+        LIMIT_3BIT,
+        "-j",
+        0,
+        "-q",
+        "-o",
+        path,
+    )
     assert result.exit_code == 0, result.output
     return result, path
 
@@ -62,8 +87,9 @@ def test_inspect_prints_the_recipe(request, run, bits, scale_bits):
     stdout_q, path = (fixture.stdout, fixture.model_file) if run == "resnet20_run" else (fixture[0].stdout, fixture[1])
     out = _inspect(path)
     assert "model: cifar_resnet20, 10 classes, preprocessing cifar10" in out
-    assert (f"weights: {bits}-bit VQK, block 32, layout auto, method l2 with 5 refinement rounds, "
-            f"float{scale_bits} KDS") in out
+    assert (
+        f"weights: {bits}-bit VQK, block 32, layout auto, method l2 with 5 refinement rounds, float{scale_bits} KDS"
+    ) in out
     assert "activations: 8-bit BFP mantissas in blocks of 32 channels, image input float" in out
     assert "kept float: linear" in out
     acc = accuracy_rows(stdout_q)
@@ -105,7 +131,7 @@ def test_inspect_summary_gives_file_size_ratio_and_distance_to_the_minimum(resne
     assert above == pytest.approx(100 * sizes["above_min"], abs=0.006)
     assert sizes["file_bytes"] == sizes["quantized_bytes"] + sizes["float_bytes"] + sizes["header_bytes"]
     assert sizes["min_bytes"] <= size
-    assert j["recipe"]["settings"]["scale_dtype"] == DEFAULT_SCALE_DTYPE
+    assert j["recipe"]["settings"]["weight"]["scale_dtype"] == DEFAULT_SCALE_DTYPE
     assert f"wrote {tmp_path / 'inspect.json'}" in out
 
 

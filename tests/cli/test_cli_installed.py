@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import dsq
+
 from dsq_cli_testkit import CIFAR, RESNET20, accuracy_rows, need
 
 DSQ = Path(sys.executable).parent / "dsq"
@@ -41,12 +42,25 @@ def runs(tmp_path_factory) -> dict:
         truncated.write_bytes(RESNET20.read_bytes()[:100_000])
         (tmp / "out").mkdir()
         (tmp / "err").mkdir()
-        commands["quantize"] = ["quantize", RESNET20, "--data", CIFAR, "--limit", 50,
-                                "-o", tmp / "out" / "model.dsq", "--json", tmp / "out" / "run.json"]
+        commands["quantize"] = [
+            "quantize",
+            RESNET20,
+            "--data",
+            CIFAR,
+            "--limit",
+            50,
+            "-o",
+            tmp / "out" / "model.dsq",
+            "--json",
+            tmp / "out" / "run.json",
+        ]
         commands["error"] = ["quantize", truncated, "--data", CIFAR, "-o", tmp / "err" / "model.dsq"]
-    started = {name: subprocess.Popen([str(DSQ), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, cwd=tmp)
-               for name, args in commands.items()}
+    started = {
+        name: subprocess.Popen(
+            [str(DSQ), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp
+        )
+        for name, args in commands.items()
+    }
     done = {"tmp": tmp}
     for name, process in started.items():
         try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dsq_cli_testkit import (CIFAR, RESNET20, RESNET20_CONVS, LIMIT, accuracy_rows, need, run_dsq, table_rows)
+from dsq_cli_testkit import CIFAR, LIMIT, RESNET20, RESNET20_CONVS, accuracy_rows, need, run_dsq, table_rows
 
 MIB = 2**20
 
@@ -55,8 +55,9 @@ def test_json_holds_layers_settings_accuracy_and_versions(resnet20_run):
     q = j["quantization"]
     assert [layer["name"] for layer in q["layers"]] == RESNET20_CONVS + ["linear"]
     assert [layer["quantized"] for layer in q["layers"]] == [True] * 19 + [False]
-    assert q["settings"]["bits"] == 4 and q["settings"]["block"] == 32 and q["settings"]["method"] == "l2"
-    assert q["settings"]["act_bits"] == 8
+    w = q["settings"]["weight"]
+    assert w["bits"] == 4 and w["block"] == 32 and w["method"] == "l2"
+    assert q["settings"]["act"]["bits"] == 8
     acc = j["accuracy"]
     for kind in ("float", "quantized"):
         assert set(acc[kind]) >= {"top1", "top5", "images"} and acc[kind]["images"] == LIMIT
@@ -64,6 +65,7 @@ def test_json_holds_layers_settings_accuracy_and_versions(resnet20_run):
     assert acc["drop"]["top5"] == pytest.approx(acc["float"]["top5"] - acc["quantized"]["top5"])
     assert set(j["versions"]) >= {"dsq", "torch", "python"}
     import dsq
+
     assert j["versions"]["dsq"] == dsq.__version__
 
 
@@ -73,7 +75,10 @@ def test_json_numbers_equal_the_printed_ones(resnet20_run):
     for kind in ("float", "quantized"):
         a = j["accuracy"][kind]
         assert (printed[kind].top1, printed[kind].top5, printed[kind].images) == (
-            f"{a['top1']:.2f}", f"{a['top5']:.2f}", a["images"])
+            f"{a['top1']:.2f}",
+            f"{a['top5']:.2f}",
+            a["images"],
+        )
     assert f"{-j['accuracy']['drop']['top1']:+.2f}" in table_rows(out, "model")["quantized"]
     rows = table_rows(out, "layer")
     for layer in j["quantization"]["layers"]:
@@ -89,10 +94,13 @@ def test_json_numbers_equal_the_printed_ones(resnet20_run):
 def test_writes_the_model_file_and_says_so(resnet20_run):
     assert resnet20_run.model_file.stat().st_size > 0
     size, checkpoint = resnet20_run.model_file.stat().st_size, Path(RESNET20).stat().st_size
-    line = next(line for line in resnet20_run.stdout.splitlines() if line.startswith(f"wrote {resnet20_run.model_file}"))
+    wrote = f"wrote {resnet20_run.model_file}"
+    line = next(line for line in resnet20_run.stdout.splitlines() if line.startswith(wrote))
     # the real size of the file, and its ratio to the float checkpoint file
-    assert f": {size:,} bytes ({size / 1e6:.2f} MB), {checkpoint / size:.2f}x smaller than the float checkpoint " \
-           f"{Path(RESNET20).name} ({checkpoint:,} bytes)" in line
+    assert (
+        f": {size:,} bytes ({size / 1e6:.2f} MB), {checkpoint / size:.2f}x smaller than the float checkpoint "
+        f"{Path(RESNET20).name} ({checkpoint:,} bytes)" in line
+    )
     assert 4 < checkpoint / size < 8  # 4-bit weights with float32 scales, a float linear layer and BatchNorms
     assert f"wrote {resnet20_run.folder / 'run.json'}" in resnet20_run.stdout
     # nothing else (no temporary files) beside the outputs
@@ -103,8 +111,21 @@ def test_writes_the_model_file_and_says_so(resnet20_run):
 
 
 def _accuracy_at(bits: int, tmp_path) -> dict:
-    result = run_dsq("quantize", RESNET20, "--bits", bits, "--data", CIFAR, "--limit", 100, "-j", 0, "-q",
-                     "--json", tmp_path / f"bits{bits}.json")
+    result = run_dsq(
+        "quantize",
+        RESNET20,
+        "--bits",
+        bits,
+        "--data",
+        CIFAR,
+        "--limit",
+        100,
+        "-j",
+        0,
+        "-q",
+        "--json",
+        tmp_path / f"bits{bits}.json",
+    )
     assert result.exit_code == 0, result.output
     return json.loads((tmp_path / f"bits{bits}.json").read_text())["accuracy"]
 
@@ -144,7 +165,7 @@ def test_no_act_keeps_conv_inputs_float(tmp_path, resnet20_run):
         assert rows[name][3] == "4"
         assert not any(cell.startswith("bfp") for cell in rows[name]), rows[name]
     q = json.loads((tmp_path / "r.json").read_text())["quantization"]
-    assert q["act_format"] is None and q["settings"]["act_bits"] is None
+    assert q["act_format"] is None and q["settings"]["act"] is None
     # and with act (the default) the inner convs do read BFP inputs
     default = table_rows(resnet20_run.stdout, "layer")
     assert any(cell.startswith("bfp8") for cell in default["layer1.0.conv1"])
@@ -156,7 +177,7 @@ def test_method_kl(tmp_path):
     assert result.exit_code == 0, result.output
     assert list(table_rows(result.stdout, "layer")) == RESNET20_CONVS + ["linear"]
     q = json.loads((tmp_path / "r.json").read_text())["quantization"]
-    assert q["settings"]["method"] == "kl" and q["weight_format"]["method"] == "kl"
+    assert q["settings"]["weight"]["method"] == "kl" and q["weight_format"]["method"] == "kl"
     assert all(r["sqnr_db"] > 5 for r in q["layers"] if r["quantized"])
 
 
@@ -182,9 +203,23 @@ def _help(*command) -> str:
 def test_quantize_help_states_defaults():
     text = _help("quantize")
     assert text.startswith("Usage: dsq quantize [OPTIONS] MODEL")
-    for expected in ("--bits INTEGER RANGE", "[default: 4", "default: 32", "[default: l2]", "[default: 8",
-                     "--act / --no-act", "[default: act]", "[default: all]", "[default: cpu]", "[default: 64",
-                     "-o, --output", "--json", "--exclude", "--trust-pickle", "--preset"):
+    for expected in (
+        "--bits INTEGER RANGE",
+        "[default: 4",
+        "default: 32",
+        "[default: l2]",
+        "[default: 8",
+        "--act / --no-act",
+        "[default: act]",
+        "[default: all]",
+        "[default: cpu]",
+        "[default: 64",
+        "-o, --output",
+        "--json",
+        "--exclude",
+        "--trust-pickle",
+        "--preset",
+    ):
         assert expected in text, expected
 
 
@@ -199,8 +234,15 @@ def test_act_search_help_says_it_is_off_by_default():
 def test_eval_help_states_defaults():
     text = _help("eval")
     assert text.startswith("Usage: dsq eval [OPTIONS] MODEL")
-    for expected in ("--data PATH", "[required]", "[default: all]", "[default: cpu]", "[default: 64",
-                     "[default: the model's]", "--json"):
+    for expected in (
+        "--data PATH",
+        "[required]",
+        "[default: all]",
+        "[default: cpu]",
+        "[default: 64",
+        "[default: the model's]",
+        "--json",
+    ):
         assert expected in text, expected
 
 
@@ -228,7 +270,9 @@ def test_group_help_lists_the_commands():
 def test_trust_pickle_loads_a_whole_model_file(tmp_path):
     """A whole pickled module is refused without --trust-pickle (see test_cli_errors) and loads with it."""
     import torch
+
     from dsq.models import build_model
+
     torch.save(build_model("cifar_resnet20"), tmp_path / "resnet20-whole.pth")
     result = run_dsq("quantize", tmp_path / "resnet20-whole.pth", "--trust-pickle", "-q")
     assert result.exit_code == 0, result.output

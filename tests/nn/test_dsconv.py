@@ -1,4 +1,5 @@
 """DSConv layers against F.conv2d / F.linear on the BFP'd input and the dequantized weight."""
+
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from dsq.formats import ActFormat, WeightFormat, quantize_weight
 from dsq.nn import DSConv2d, DSConvMixin, DSLinear, dsconv_class, is_dsconv, layer_kind, to_dsconv
+
 from zoo import ref_bfp, ref_dequantize, ref_layout, ref_scale_shape
 
 WF = WeightFormat(bits=4, block=32)
@@ -31,8 +33,11 @@ def _conv(*args, seed=0, **kwargs) -> nn.Conv2d:
 def _deq(module) -> torch.Tensor:
     """The dequantized weight, by explicit indexing of the stored VQK and KDS."""
     groups = getattr(module, "groups", 1)
-    kind = ref_layout(module.vqk.shape[1], module.weight_format.block, groups) \
-        if module.weight_format.layout == "auto" else module.weight_format.layout
+    kind = (
+        ref_layout(module.vqk.shape[1], module.weight_format.block, groups)
+        if module.weight_format.layout == "auto"
+        else module.weight_format.layout
+    )
     return ref_dequantize(module.vqk, module.kds, kind, module.weight_format.block).float()
 
 
@@ -79,7 +84,8 @@ CONV_CASES = {
 
 ACT_VARIANTS = {"bfp8_32": AF, "bfp4_16": ActFormat(bits=4, block=16), "float": None}
 FORWARD_CASES = [(case, "bfp8_32") for case in CONV_CASES] + [
-    (case, act) for case in ("plain3x3", "reflect", "same", "grouped", "depthwise", "stem", "no_bias")
+    (case, act)
+    for case in ("plain3x3", "reflect", "same", "grouped", "depthwise", "stem", "no_bias")
     for act in ("bfp4_16", "float")
 ]
 

@@ -1,4 +1,5 @@
 """DSConv layers that train (dsq.nn.train): straight-through VQK rounding and BFP, freeze."""
+
 from __future__ import annotations
 
 import copy
@@ -12,6 +13,7 @@ import dsq
 from dsq.formats import ActFormat, WeightFormat, bfp_quantize
 from dsq.nn import DSConv2d, DSLinear, freeze, is_trainable, make_trainable, parameter_groups, set_backend, to_dsconv
 from dsq.nn.train import latent_codes, learned_codes, rounding_penalty, rounding_up
+
 import zoo
 
 MODES = ("ste", "fixed")
@@ -37,8 +39,17 @@ def _scratch_c2f(seed: int = 2) -> nn.Module:
     for m in model.modules():
         if isinstance(m, zoo.Conv):
             c = m.conv
-            m.conv = DSConv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups,
-                              bias=False, weight_format=WeightFormat(bits=4, block=8), act_format=ActFormat(8, 8))
+            m.conv = DSConv2d(
+                c.in_channels,
+                c.out_channels,
+                c.kernel_size,
+                c.stride,
+                c.padding,
+                groups=c.groups,
+                bias=False,
+                weight_format=WeightFormat(bits=4, block=8),
+                act_format=ActFormat(8, 8),
+            )
     return model
 
 
@@ -192,19 +203,22 @@ def test_freeze_rounds_scales_to_the_file_dtype(task, tmp_path):
     qmodel, report = dsq.quantize(model, bits=4, block=8, scale_dtype="float16")
     make_trainable(qmodel, "fixed")
     _fit(qmodel.train(), qmodel.parameters(), x, y, steps=5, lr=1e-2)
-    freeze(qmodel, scale_dtype="float16")
+    freeze(qmodel)  # to the layers' float16 scale dtype
     for _, m in dsq.artifact.dsconv_layers(qmodel):
         assert m.kds.dtype == torch.float32 and torch.equal(m.kds.half().float(), m.kds)
     dsq.save(tmp_path / "c2f16.dsq", qmodel, report)  # refuses scales float16 would change
 
 
 def test_freeze_refuses_scales_beyond_float16_and_changes_nothing(one_line_dsq_error):
-    model = nn.Sequential(DSConv2d(8, 4, 1), DSConv2d(4, 4, 1))
+    half = WeightFormat(scale_dtype="float16")
+    model = nn.Sequential(DSConv2d(8, 4, 1, weight_format=half), DSConv2d(4, 4, 1, weight_format=half))
     make_trainable(model)
     with torch.no_grad():
         model[1].kds.fill_(1e6)
-    assert "float32" in one_line_dsq_error(freeze, model, scale_dtype="float16")
+    assert "float32" in one_line_dsq_error(freeze, model)
     assert all("latent" in m._parameters and "kds" in m._parameters for m in model)
+    for m in model:
+        m.weight_format = WeightFormat(scale_dtype="float32")
     assert freeze(model) == ["0", "1"] and not is_trainable(model)
 
 
@@ -342,8 +356,10 @@ def test_no_dsconv_layers(one_line_dsq_error):
 def _ratios(reference: nn.Module, model: nn.Module) -> dict[str, torch.Tensor]:
     """Each DSConv layer's float weight / alpha (its position on the integer grid)."""
     float_layers = dict(reference.named_modules())
-    return {name: float_layers[name].weight.detach() / m.layout.expand_scales(m.kds.detach()).reshape(m.vqk.shape)
-            for name, m in dsq.artifact.dsconv_layers(model)}
+    return {
+        name: float_layers[name].weight.detach() / m.layout.expand_scales(m.kds.detach()).reshape(m.vqk.shape)
+        for name, m in dsq.artifact.dsconv_layers(model)
+    }
 
 
 def _hard(model: nn.Module) -> nn.Module:
@@ -359,8 +375,11 @@ def _hard(model: nn.Module) -> nn.Module:
 def test_learned_rounding_starts_at_the_stored_integers_and_the_float_weights(task):
     x, _ = task
     model, qmodel, _ = _quantized_c2f()
-    keys, codes, ratios = set(qmodel.state_dict()), {n: m.vqk.clone() for n, m in qmodel.named_modules()
-                                                      if hasattr(m, "vqk")}, _ratios(model, qmodel)
+    keys, codes, ratios = (
+        set(qmodel.state_dict()),
+        {n: m.vqk.clone() for n, m in qmodel.named_modules() if hasattr(m, "vqk")},
+        _ratios(model, qmodel),
+    )
     with torch.no_grad():
         before = qmodel(x)
     params = make_trainable(qmodel, "learned", reference=model)
@@ -382,8 +401,7 @@ def test_learned_rounding_starts_at_the_stored_integers_and_the_float_weights(ta
         assert torch.equal(qmodel(x), before)
 
 
-def test_learned_rounding_moves_codes_to_the_other_neighbour_only_and_freezes_hard(task, tmp_path,
-                                                                                  one_line_dsq_error):
+def test_learned_rounding_moves_codes_to_the_other_neighbour_only_and_freezes_hard(task, tmp_path, one_line_dsq_error):
     x, y = task
     model, qmodel, report = _quantized_c2f()
     codes, ratios = {n: m.vqk.clone() for n, m in dsq.artifact.dsconv_layers(qmodel)}, _ratios(model, qmodel)
@@ -413,7 +431,10 @@ def test_rounding_penalty_drives_every_h_to_0_or_1():
     with torch.no_grad():
         target = conv(x)
     make_trainable(layer, "learned", reference=conv)
-    settled = lambda: ((2 * rounding_up(layer.rounding.detach()) - 1).abs() > 0.9).float().mean().item()
+
+    def settled() -> float:
+        return ((2 * rounding_up(layer.rounding.detach()) - 1).abs() > 0.9).float().mean().item()
+
     assert settled() < 0.3
     optimizer, steps = torch.optim.Adam([layer.rounding], lr=0.1), 100
     for step in range(steps):

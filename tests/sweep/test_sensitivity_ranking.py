@@ -1,12 +1,14 @@
 """`dsq sensitivity`: one layer quantized at a time and all but one, ranked, with advice to act on."""
 
 import json
+from dataclasses import replace
 
 import pytest
 from click.testing import CliRunner
 
 import dsq.sensitivity
 from dsq.cli import cli
+from dsq.config import LayerRule, quant_config
 from dsq.sensitivity import Sensitivity, exact_glob
 
 pytestmark = pytest.mark.realdata
@@ -17,9 +19,28 @@ LAYERS = ["layer1.0.conv1", "layer2.0.conv1", "layer3.0.conv1"]
 def analysed(tmp_path_factory, resnet20, cifar):
     """Three layers with 2-bit weights and inputs (the others float) on 100 images: each costs accuracy."""
     folder = tmp_path_factory.mktemp("sensitivity")
-    args = ["sensitivity", str(resnet20), "--data", str(cifar), "--bits", "2", "--act-bits", "2", "--limit", "100",
-            "--batch-size", "100", "-j", "0", "-q", "--per-pass", "8", "-o", str(folder / "s"),
-            *[a for layer in LAYERS for a in ("--include", layer)]]
+    args = [
+        "sensitivity",
+        str(resnet20),
+        "--data",
+        str(cifar),
+        "--bits",
+        "2",
+        "--act-bits",
+        "2",
+        "--limit",
+        "100",
+        "--batch-size",
+        "100",
+        "-j",
+        "0",
+        "-q",
+        "--per-pass",
+        "8",
+        "-o",
+        str(folder / "s"),
+        *[a for layer in LAYERS for a in ("--include", layer)],
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return result, json.loads((folder / "s.json").read_text()), folder
@@ -53,10 +74,13 @@ def test_prints_table_advice_and_writes_files(analysed):
 def test_models_are_built_as_described(monkeypatch):
     """'only L' quantizes exactly L; 'all but L' everything else (names with glob characters too)."""
     calls = []
-    monkeypatch.setattr(dsq.sensitivity, "quantize", lambda model, **o: calls.append(o) or (model, None))
-    run = Sensitivity({"bits": 3, "exclude": ("fc",)})
+    monkeypatch.setattr(dsq.sensitivity, "quantize", lambda model, config: calls.append(config) or (model, None))
+    config = quant_config(bits=3, exclude=("fc",))
+    run = Sensitivity(config)
     run._only(None, "features[1].conv")
     run._all_but(None, "features[1].conv")
-    assert calls == [{"bits": 3, "exclude": ("fc",), "include": ("features[[]1].conv",)},
-                     {"bits": 3, "exclude": ("fc", "features[[]1].conv")}]
+    assert calls == [
+        replace(config, include=("features[[]1].conv",)),
+        replace(config, rules=(LayerRule(name="features[[]1].conv", keep_float=True), *config.rules)),
+    ]
     assert exact_glob("a*b?c[d]") == "a[*]b[?]c[[]d]"

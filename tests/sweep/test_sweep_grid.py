@@ -20,8 +20,27 @@ pytestmark = pytest.mark.realdata
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, resnet20, cifar):
     folder = tmp_path_factory.mktemp("sweep")
-    args = ["sweep", str(resnet20), "--data", str(cifar), "--bits", "2,4", "--block", "16,32", "--limit", "100",
-            "--batch-size", "100", "-j", "0", "-q", "--per-pass", "3", "-o", str(folder / "sw")]
+    args = [
+        "sweep",
+        str(resnet20),
+        "--data",
+        str(cifar),
+        "--bits",
+        "2,4",
+        "--block",
+        "16,32",
+        "--limit",
+        "100",
+        "--batch-size",
+        "100",
+        "-j",
+        "0",
+        "-q",
+        "--per-pass",
+        "3",
+        "-o",
+        str(folder / "sw"),
+    ]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return result, folder
@@ -34,10 +53,11 @@ def test_writes_table_csv_json_and_plot(swept):
         rows = list(csv.DictReader(f))
     assert [(p["bits"], p["block"]) for p in data["points"]] == [(2, 16), (2, 32), (4, 16), (4, 32)]
     assert [(int(r["bits"]), int(r["block"]), float(r["top1"])) for r in rows] == [
-        (p["bits"], p["block"], p["top1"]) for p in data["points"]]
+        (p["bits"], p["block"], p["top1"]) for p in data["points"]
+    ]
     lines = result.stdout.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("bits ")))
-    table = [line.split() for line in lines[header + 2:header + 7]]
+    table = [line.split() for line in lines[header + 2 : header + 7]]
     assert table[0][0] == "float" and float(table[0][4]) == data["results"]["float"]["top1"]
     for cells, point in zip(table[1:], data["points"]):
         assert [int(cells[0]), int(cells[1])] == [point["bits"], point["block"]]
@@ -79,8 +99,10 @@ def test_library_sweep_without_files():
     assert sweep.results["float"]["images"] == 8 and sweep.pending == 0
 
 
-@pytest.mark.parametrize("option, value, words", [("--bits", "2,9", "2 to 8"), ("--block", "0,8", "from 1"),
-                                                  ("--bits", "four", "comma-separated")])
+@pytest.mark.parametrize(
+    "option, value, words",
+    [("--bits", "2,9", "2 to 8"), ("--block", "0,8", "from 1"), ("--bits", "four", "comma-separated")],
+)
 def test_bad_grid_is_a_usage_error(sweep_args, option, value, words):
     args = list(sweep_args)
     args[args.index(option) + 1] = value

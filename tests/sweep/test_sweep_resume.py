@@ -60,8 +60,9 @@ def test_killed_sweep_resumes(sweep_args, tmp_path):
     """SIGKILL after the first saved pass: the JSON is whole, the rerun finishes the rest."""
     args = list(sweep_args)
     args[args.index("--per-pass") + 1] = "1"
-    process = subprocess.Popen([sys.executable, "-m", "dsq", *args], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dsq", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 120
     while not (tmp_path / "sw.json").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
