@@ -1,4 +1,6 @@
 # Two commands on a fresh machine: `make demo` and `make test`. Both build the venv first.
+# `make test` is lint plus the whole suite (what CI runs); `make test-fast` is the quick tier
+# (no real data, no kernel compile, no dsq subprocesses; see tests/conftest.py).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo lint test test-fast bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +20,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/dsq demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check dsq tests benchmarks
+	$(BIN)/ruff format --check dsq tests benchmarks
+
+test: lint
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest --fast
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quantize_time.py

@@ -3,20 +3,17 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 import torch
 from click.testing import CliRunner
 
 from dsq import distributed
 from dsq.cli import cli
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-RESNET20 = SHARED / "cifar10-resnet" / "resnet20-12fca82f.th"
-CIFAR = SHARED / "cifar10-test"
-# 250 images in batches of 50: 5 batches, so the two processes get 3 and 2
-DATA = ["--data", str(CIFAR), "--limit", "250", "--batch-size", "50", "-j", "0", "-q"]
+
+def data_options(cifar) -> list[str]:
+    """250 images in batches of 50: 5 batches, so the two processes get 3 and 2."""
+    return ["--data", str(cifar), "--limit", "250", "--batch-size", "50", "-j", "0", "-q"]
 
 
 def torchrun(*args) -> subprocess.CompletedProcess:
@@ -24,19 +21,10 @@ def torchrun(*args) -> subprocess.CompletedProcess:
     return subprocess.run([*command, *map(str, args)], capture_output=True, text=True, timeout=600)
 
 
-@pytest.fixture(scope="module")
-def resnet20():
-    for path in (RESNET20, CIFAR):
-        if not path.exists():
-            pytest.skip(f"shared data missing: {path}")
-    return str(RESNET20)
-
-
-@pytest.mark.realdata
-def test_eval_in_two_processes_equals_one(resnet20, tmp_path):
-    one = CliRunner().invoke(cli, ["eval", resnet20, *DATA, "--json", str(tmp_path / "one.json")])
+def test_eval_in_two_processes_equals_one(resnet20, cifar, tmp_path):
+    one = CliRunner().invoke(cli, ["eval", str(resnet20), *data_options(cifar), "--json", str(tmp_path / "one.json")])
     assert one.exit_code == 0, one.output
-    two = torchrun("eval", resnet20, *DATA, "--json", tmp_path / "two.json")
+    two = torchrun("eval", resnet20, *data_options(cifar), "--json", tmp_path / "two.json")
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / f"{n}.json").read_text())["accuracy"] for n in ("one", "two"))
     assert (a["top1"], a["top5"], a["images"]) == (b["top1"], b["top5"], b["images"]) and b["images"] == 250
@@ -44,18 +32,18 @@ def test_eval_in_two_processes_equals_one(resnet20, tmp_path):
     assert two.stderr.count("data: ") == 1
 
 
-@pytest.mark.realdata
-def test_sweep_in_two_processes_equals_one(resnet20, tmp_path):
+def test_sweep_in_two_processes_equals_one(resnet20, cifar, tmp_path):
     grid = ["--bits", "3,4", "--block", "32", "--per-pass", "2"]
-    one = CliRunner().invoke(cli, ["sweep", resnet20, *grid, *DATA, "-o", str(tmp_path / "one")])
+    one = CliRunner().invoke(cli, ["sweep", str(resnet20), *grid, *data_options(cifar), "-o", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
-    two = torchrun("sweep", resnet20, *grid, *DATA, "-o", tmp_path / "two")
+    two = torchrun("sweep", resnet20, *grid, *data_options(cifar), "-o", tmp_path / "two")
     assert two.returncode == 0, two.stderr
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     pick = lambda data: [(p["bits"], p["top1"], p["top5"], p["images"]) for p in data["points"]]  # noqa: E731
     assert pick(a) == pick(b) and len(pick(a)) == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.{e}" for n in ("one", "two")
-                                                               for e in ("csv", "json", "png"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{n}.{e}" for n in ("one", "two") for e in ("csv", "json", "png")
+    )
 
 
 def test_single_process_defaults(monkeypatch):

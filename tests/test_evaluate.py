@@ -1,5 +1,4 @@
 import multiprocessing
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,8 +8,6 @@ from torch.utils.data import Dataset
 from dsq.data import LabelledImages, get_preset, open_dataset
 from dsq.errors import DsqError
 from dsq.evaluate import Accuracy, evaluate, resolve_device, spread_indices
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 class Coded(Dataset):
@@ -68,8 +65,12 @@ def test_exact_top1_top5():
     assert (result["sixth"].top1, result["sixth"].top5) == (0.0, 0.0)
     assert (result["always3"].top1, result["always3"].top5) == (10.0, 50.0)
     assert all(a.images == 50 and a.seconds >= 0 for a in result.values())
-    assert result["oracle"].to_dict() == {"top1": 100.0, "top5": 100.0, "images": 50,
-                                          "seconds": result["oracle"].seconds}
+    assert result["oracle"].to_dict() == {
+        "top1": 100.0,
+        "top5": 100.0,
+        "images": 50,
+        "seconds": result["oracle"].seconds,
+    }
 
 
 def test_every_model_sees_the_same_images_once():
@@ -136,6 +137,7 @@ def test_mode_restored_and_inference_mode():
 def test_models_run_side_by_side_on_the_cpu_threads():
     """With 2 CPU threads, two models run at once with one thread each, in inference mode; the
     caller's thread count is restored."""
+
     class Probe(nn.Module):
         def __init__(self):
             super().__init__()
@@ -174,10 +176,16 @@ def test_bad_output_shape():
 
 def test_mixed_image_sizes_explained(tmp_path):
     from PIL import Image
+
     for name, size in [("a.png", (8, 8)), ("b.png", (9, 9))]:
         Image.new("RGB", size).save(tmp_path / name)
-    ds = LabelledImages([(str(tmp_path / "a.png"), 0), (str(tmp_path / "b.png"), 0)], ["x"],
-                        get_preset("cifar10").transform(), source=str(tmp_path), layout="test")
+    ds = LabelledImages(
+        [(str(tmp_path / "a.png"), 0), (str(tmp_path / "b.png"), 0)],
+        ["x"],
+        get_preset("cifar10").transform(),
+        source=str(tmp_path),
+        layout="test",
+    )
     with pytest.raises(DsqError) as error:
         evaluate({"m": nn.Flatten()}, ds, progress=False)
     assert "--resize" in one_line(error)
@@ -185,8 +193,9 @@ def test_mixed_image_sizes_explained(tmp_path):
 
 def test_worker_error_stays_one_line(tmp_path):
     (tmp_path / "bad.jpg").write_bytes(b"garbage")
-    ds = LabelledImages([(str(tmp_path / "bad.jpg"), 0)], ["x"], get_preset("cifar10").transform(),
-                        source=str(tmp_path), layout="test")
+    ds = LabelledImages(
+        [(str(tmp_path / "bad.jpg"), 0)], ["x"], get_preset("cifar10").transform(), source=str(tmp_path), layout="test"
+    )
     with pytest.raises(DsqError) as error:
         evaluate({"m": nn.Flatten()}, ds, workers=1, progress=False)
     assert one_line(error).startswith(f"cannot read image {tmp_path / 'bad.jpg'}")
@@ -199,12 +208,8 @@ def test_progress_bar(capsys):
     assert "50/50" in err and "float=100.00%" in err
 
 
-@pytest.mark.realdata
-def test_real_cifar_subset_with_constant_model():
-    root = SHARED / "cifar10-test"
-    if not root.exists():
-        pytest.skip(f"shared data missing: {root}")
-    ds = open_dataset(root, get_preset("cifar10").transform())
+def test_real_cifar_subset_with_constant_model(cifar):
+    ds = open_dataset(cifar, get_preset("cifar10").transform())
 
     class Always(nn.Module):
         def forward(self, x):
@@ -222,12 +227,11 @@ def test_accuracy_is_plain_data():
     assert Accuracy(1.0, 2.0, 3, 0.5).to_dict() == {"top1": 1.0, "top5": 2.0, "images": 3, "seconds": 0.5}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_cpu():
+def test_every_device_matches_cpu(device):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 10))
     ds = Coded(LABELS)
     cpu = evaluate({"m": model}, ds, progress=False)["m"]
-    gpu = evaluate({"m": model}, ds, device="cuda", progress=False)["m"]
-    assert next(model.parameters()).is_cuda
-    assert (gpu.top1, gpu.top5, gpu.images) == (cpu.top1, cpu.top5, cpu.images)
+    other = evaluate({"m": model}, ds, device=device, progress=False)["m"]
+    assert next(model.parameters()).device.type == device
+    assert (other.top1, other.top5, other.images) == (cpu.top1, cpu.top5, cpu.images)

@@ -5,6 +5,7 @@ on random images (a random-init network with the default running stats 0/1 lets 
 grow layer after layer; re-estimated stats keep them in a realistic range, so relative errors
 of quantized outputs mean something). Builders are deterministic (fixed seeds).
 """
+
 from __future__ import annotations
 
 import functools
@@ -183,15 +184,34 @@ _IMAGENET = (2, 3, 32, 32)  # small inputs keep the CPU test run short; every mo
 ZOO = {
     e.name: e
     for e in [
-        ZooEntry("resnet18", _seeded(lambda: torchvision.models.resnet18(num_classes=100), _IMAGENET),
-                 _IMAGENET, "resnet18", 100),
-        ZooEntry("mobilenet_v2", _seeded(lambda: torchvision.models.mobilenet_v2(num_classes=10), _IMAGENET),
-                 _IMAGENET, "mobilenet_v2", 10),
-        ZooEntry("mobilenet_v3_small",
-                 _seeded(lambda: torchvision.models.mobilenet_v3_small(num_classes=10), _IMAGENET),
-                 _IMAGENET, "mobilenet_v3_small", 10),
-        ZooEntry("cifar_resnet20", _seeded(lambda: build_model("cifar_resnet20"), (2, 3, 32, 32)),
-                 (2, 3, 32, 32), "cifar_resnet20", 10),
+        ZooEntry(
+            "resnet18",
+            _seeded(lambda: torchvision.models.resnet18(num_classes=100), _IMAGENET),
+            _IMAGENET,
+            "resnet18",
+            100,
+        ),
+        ZooEntry(
+            "mobilenet_v2",
+            _seeded(lambda: torchvision.models.mobilenet_v2(num_classes=10), _IMAGENET),
+            _IMAGENET,
+            "mobilenet_v2",
+            10,
+        ),
+        ZooEntry(
+            "mobilenet_v3_small",
+            _seeded(lambda: torchvision.models.mobilenet_v3_small(num_classes=10), _IMAGENET),
+            _IMAGENET,
+            "mobilenet_v3_small",
+            10,
+        ),
+        ZooEntry(
+            "cifar_resnet20",
+            _seeded(lambda: build_model("cifar_resnet20"), (2, 3, 32, 32)),
+            (2, 3, 32, 32),
+            "cifar_resnet20",
+            10,
+        ),
         ZooEntry("efficientnet_lite0", _seeded(_effnet, _IMAGENET), _IMAGENET, "efficientnet_lite0", 10),
         ZooEntry("tiny_yolo", _seeded(TinyYolo, (2, 3, 64, 64)), (2, 3, 64, 64)),
     ]
@@ -221,8 +241,7 @@ def quantized(name: str, bits: int = 4, rounds: int = 0):
     import dsq
 
     model = build(name)
-    qmodel, report = dsq.quantize(model, bits=bits, block=32, rounds=rounds, scale_dtype="float16",
-                                  depthwise_bits=None)
+    qmodel, report = dsq.quantize(model, bits=bits, block=32, rounds=rounds, scale_dtype="float16", depthwise_bits=None)
     return model, qmodel, report
 
 
@@ -255,14 +274,14 @@ def ref_slices(w: torch.Tensor, layout: str, block: int) -> list[tuple[tuple, to
             for j in range(nb):
                 for y in range(kh):
                     for x in range(kw):
-                        out.append(((o, j, y, x), w[o, j * block:(j + 1) * block, y, x]))
+                        out.append(((o, j, y, x), w[o, j * block : (j + 1) * block, y, x]))
     else:
         n = i_n * kh * kw
         nb = -(-n // block)
         for o in range(o_n):
             flat = w[o].reshape(-1)
             for j in range(nb):
-                out.append(((o, j), flat[j * block:(j + 1) * block]))
+                out.append(((o, j), flat[j * block : (j + 1) * block]))
     return out
 
 
@@ -314,12 +333,12 @@ def ref_bfp(x: torch.Tensor, bits: int, block: int, dim: int = 1) -> torch.Tenso
     lim = 2 ** (bits - 1) - 1
     c = xt.shape[-1]
     for j in range(0, c, block):
-        v = xt[..., j:j + block]
+        v = xt[..., j : j + block]
         peak = v.abs().amax(dim=-1, keepdim=True)
         e = torch.floor(torch.log2(torch.where(peak > 0, peak, torch.ones_like(peak))))
         s = torch.pow(2.0, e - (bits - 2))
         q = torch.clamp(torch.round(v / s), -lim, lim) * s
-        out[..., j:j + block] = torch.where(peak > 0, q, torch.zeros_like(q))
+        out[..., j : j + block] = torch.where(peak > 0, q, torch.zeros_like(q))
     return out.movedim(-1, dim).to(x.dtype).contiguous()
 
 

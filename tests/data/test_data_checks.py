@@ -2,6 +2,7 @@ import pytest
 
 from dsq.data import LabelledImages, check_labels
 from dsq.errors import DsqError
+
 from conftest import one_line
 
 
@@ -28,6 +29,7 @@ def test_fewer_classes_than_outputs():
 def test_label_out_of_range_without_classes():
     class Plain:
         samples = [("a", 0), ("b", 12)]
+
     with pytest.raises(DsqError) as error:
         check_labels(Plain(), 10)
     assert "labels up to 12 but the model predicts 10" in one_line(error)

@@ -5,6 +5,7 @@ from PIL import Image
 from dsq.data import ClassFolderDataset, LabelledImages, get_preset, open_dataset, read_classes
 from dsq.data.samples import CIFAR10_CLASSES
 from dsq.errors import DsqError
+
 from conftest import CIFAR, IMAGENET_DEV, WNIDS, link, need, one_line
 
 
@@ -156,7 +157,8 @@ def test_no_images(tmp_path, make):
             assert one_line(error).startswith(f"found 0 images in {tmp_path} but no class sub-folders")
             assert "one sub-folder per class with images inside" in one_line(error)
         else:
-            assert one_line(error) == f"found 0 images in {tmp_path}: expected one sub-folder per class with images inside"
+            expected = f"found 0 images in {tmp_path}: expected one sub-folder per class with images inside"
+            assert one_line(error) == expected
 
 
 @pytest.mark.realdata

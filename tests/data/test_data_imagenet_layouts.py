@@ -22,10 +22,19 @@ from dsq.cli import cli
 from dsq.data import open_dataset
 from dsq.data.imagenet import DEVKIT, GROUND_TRUTH, META_MAT
 from dsq.errors import DsqError
+
 from conftest import IMAGENET_DEV, WNIDS, link, need, one_line
 
-SYNSET_FIELDS = ["ILSVRC2012_ID", "WNID", "words", "gloss", "num_children", "children", "wordnet_height",
-                 "num_train_images"]
+SYNSET_FIELDS = [
+    "ILSVRC2012_ID",
+    "WNID",
+    "words",
+    "gloss",
+    "num_children",
+    "children",
+    "wordnet_height",
+    "num_train_images",
+]
 LAYOUTS = ["class folders", "kaggle", "devkit", "torchvision"]
 
 
@@ -78,8 +87,16 @@ class Val:
         for i, wnid in enumerate(by_id):
             synsets[i, 0] = (float(i + 1), wnid, f"words {wnid}", "gloss", 0.0, np.zeros((1, 0)), 0.0, 1300.0)
         for j, (wnid, children) in enumerate(inner):
-            synsets[len(by_id) + j, 0] = (float(1001 + j), wnid, "inner", "gloss", float(len(children)),
-                                          np.array(children, dtype=float), 1.0, 0.0)
+            synsets[len(by_id) + j, 0] = (
+                float(1001 + j),
+                wnid,
+                "inner",
+                "gloss",
+                float(len(children)),
+                np.array(children, dtype=float),
+                1.0,
+                0.0,
+            )
         out = io.BytesIO()
         scipy.io.savemat(out, {"synsets": synsets})
         return out.getvalue()
@@ -111,8 +128,9 @@ class Val:
         """What torchvision.datasets.ImageNet leaves: meta.bin and val/<wnid>/ILSVRC2012_val_*.JPEG."""
         self.class_folders(root / "val")
         in_id_order = sorted(self.id_of, key=self.id_of.get)  # as torchvision reads meta.mat: not sorted
-        torch.save(({w: (f"name of {w}",) for w in in_id_order}, [self.wnid(n) for n in self.images]),
-                   root / "meta.bin")
+        torch.save(
+            ({w: (f"name of {w}",) for w in in_id_order}, [self.wnid(n) for n in self.images]), root / "meta.bin"
+        )
         return root
 
 
@@ -138,8 +156,10 @@ def labels_by_image(dataset) -> dict[str, int]:
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("layout, words", [("class folders", "class folders"), ("kaggle", "Kaggle"),
-                                           ("devkit", "devkit"), ("torchvision", "torchvision")])
+@pytest.mark.parametrize(
+    "layout, words",
+    [("class folders", "class folders"), ("kaggle", "Kaggle"), ("devkit", "devkit"), ("torchvision", "torchvision")],
+)
 def test_every_image_gets_its_class(val, layouts, layout, words):
     path, classes = layouts[layout]
     dataset = open_dataset(path, None, classes)
@@ -235,8 +255,14 @@ def test_unknown_layout_is_one_line_naming_the_layouts(tmp_path, files):
         open_dataset(tmp_path, None)
     message = one_line(error)
     assert message.startswith(f"found {len(files)} images in {tmp_path}")
-    for layout in ["sub-folder per class", "<wnid>_", "LOC_val_solution.csv", GROUND_TRUTH, "meta.mat",
-                   "torchvision ImageNet root"]:
+    for layout in [
+        "sub-folder per class",
+        "<wnid>_",
+        "LOC_val_solution.csv",
+        GROUND_TRUTH,
+        "meta.mat",
+        "torchvision ImageNet root",
+    ]:
         assert layout in message
 
 
@@ -262,8 +288,9 @@ def scores(samples, top5) -> tuple[float, float]:
 
 @pytest.mark.realdata
 def test_lite0_scores_the_same_on_all_four(layouts, lite0_top5):
-    results = {name: scores(open_dataset(path, None, classes).samples, lite0_top5)
-               for name, (path, classes) in layouts.items()}
+    results = {
+        name: scores(open_dataset(path, None, classes).samples, lite0_top5) for name, (path, classes) in layouts.items()
+    }
     assert len(set(results.values())) == 1, results
     top1, top5 = results["devkit"]
     assert top1 >= 70 and top5 >= 90, results  # 75.1 % top-1 on the whole val set

@@ -7,6 +7,7 @@ from PIL import Image
 
 from dsq.data import PRESETS, Preset, get_preset
 from dsq.errors import DsqError
+
 from conftest import one_line
 
 
@@ -18,8 +19,10 @@ def test_known_presets():
     assert get_preset("imagenet").interpolation == "bilinear"
 
 
-@pytest.mark.parametrize("name, size", [("imagenet", 224), ("efficientnet_lite0", 224),
-                                        ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)])
+@pytest.mark.parametrize(
+    "name, size",
+    [("imagenet", 224), ("efficientnet_lite0", 224), ("efficientnet_lite1", 240), ("efficientnet_lite2", 260)],
+)
 def test_output_shape_from_any_image(name, size):
     out = get_preset(name).transform()(Image.new("L", (500, 375), 128))  # grey, landscape
     assert out.shape == (3, size, size) and out.dtype == torch.float32
@@ -65,11 +68,18 @@ def test_round_trip_and_pickle():
     assert pickle.loads(pickle.dumps(preset.transform()))  # usable by DataLoader workers
 
 
-@pytest.mark.parametrize("changes, words", [
-    (dict(resize=0), "resize"), (dict(crop=-3), "crop"), (dict(crop=2.5), "crop"),
-    (dict(mean="1,2"), "mean"), (dict(mean="a,b,c"), "mean"), (dict(std=(0.1, 0, 0.1)), "std"),
-    (dict(interpolation="lanczos"), "bicubic"),
-])
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(resize=0), "resize"),
+        (dict(crop=-3), "crop"),
+        (dict(crop=2.5), "crop"),
+        (dict(mean="1,2"), "mean"),
+        (dict(mean="a,b,c"), "mean"),
+        (dict(std=(0.1, 0, 0.1)), "std"),
+        (dict(interpolation="lanczos"), "bicubic"),
+    ],
+)
 def test_bad_overrides(changes, words):
     with pytest.raises(DsqError) as error:
         get_preset("imagenet").replace(**changes)

@@ -7,6 +7,7 @@ import pytest
 from dsq.data import check_labels, demo_dataset, get_preset
 from dsq.data.samples import CIFAR10_CLASSES
 from dsq.errors import DsqError
+
 from conftest import one_line
 
 

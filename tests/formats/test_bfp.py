@@ -1,4 +1,5 @@
 """Block floating point activations against the spec's per-block formulas."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from dsq.formats import ActFormat, bfp_encode, bfp_quantize, unblocked
+
 from zoo import ref_bfp
 
 
@@ -53,7 +55,7 @@ def test_block_max_uses_top_mantissa_bit(c, block, bits):
     peak_mant = mant.abs().amax(dim=2)  # (N, nb, H, W)
     peak_x = torch.zeros_like(peak_mant, dtype=x.dtype)
     for j in range(peak_mant.shape[1]):
-        peak_x[:, j] = x[:, j * block:(j + 1) * block].abs().amax(dim=1)
+        peak_x[:, j] = x[:, j * block : (j + 1) * block].abs().amax(dim=1)
     nonzero = peak_x > 0
     # 2^(m-2) <= |mant of the block max| <= 2^(m-1) - 1
     assert torch.all(peak_mant[nonzero] >= 2 ** (bits - 2))
@@ -87,14 +89,14 @@ def test_encode_mantissas_and_steps(c, block, bits):
     # steps are powers of two: s = 2^(e - (m - 2)), e = floor(log2 max|x|) over the block
     assert torch.all(torch.exp2(torch.log2(step).round()) == step)
     for j in range(nb):
-        peak = x[:, j * block:(j + 1) * block].abs().amax(dim=1)
+        peak = x[:, j * block : (j + 1) * block].abs().amax(dim=1)
         for idx in torch.nonzero(peak > 0).tolist():
             n, h, w = idx
             e = math.floor(math.log2(peak[n, h, w].item()))
             assert step[n, j, 0, h, w].item() == 2.0 ** (e - (bits - 2)), (n, j, h, w)
     # mant * step is bfp_quantize (padding dropped)
     assert torch.equal(unblocked(mant.float() * step, 1, c), bfp_quantize(x, fmt))
-    assert torch.all(mant[:, -1, c - (nb - 1) * block:] == 0)  # padding of a ragged last block
+    assert torch.all(mant[:, -1, c - (nb - 1) * block :] == 0)  # padding of a ragged last block
 
 
 def test_exponent_is_shared_per_n_block_h_w_only():
@@ -104,7 +106,7 @@ def test_exponent_is_shared_per_n_block_h_w_only():
     y = x.clone()
     y[1, 40, 2, 3] = 1000.0  # one huge value: only block 1 at (n=1, h=2, w=3) changes exponent
     out = bfp_quantize(y, fmt)
-    changed = (out != base)
+    changed = out != base
     changed[1, 40, 2, 3] = False
     where = torch.nonzero(changed)
     assert len(where) > 0
@@ -121,7 +123,7 @@ def test_m8_relative_error_on_block_max():
     for j in range(3):
         sl = slice(32 * j, 32 * (j + 1))
         peak = x[:, sl].abs().amax(dim=1, keepdim=True)
-        assert torch.all(err[:, sl] < 2 ** -6 * peak)
+        assert torch.all(err[:, sl] < 2**-6 * peak)
 
 
 def test_idempotent():
@@ -149,7 +151,7 @@ def test_works_on_float64():
 
 
 # --------------------------------------------------------------------------- hostile values and arguments
-SMALLEST_SUBNORMAL = 2.0 ** -149
+SMALLEST_SUBNORMAL = 2.0**-149
 
 
 @pytest.mark.parametrize("bits", [5, 8])
@@ -170,9 +172,9 @@ def test_denormal_blocks_keep_their_values_without_nan(bits, peak):
 def test_a_huge_block_is_one_block_of_the_channels():
     """bfp_encode padded every block to its full size: a block of 10**9 tried to allocate gigabytes."""
     x = torch.randn(2, 5, 3, 3)
-    mant, step = bfp_encode(x, ActFormat(bits=8, block=10 ** 9))
+    mant, step = bfp_encode(x, ActFormat(bits=8, block=10**9))
     assert mant.shape == (2, 1, 5, 3, 3) and step.shape == (2, 1, 1, 3, 3)
-    assert torch.equal(bfp_quantize(x, ActFormat(bits=8, block=10 ** 9)), bfp_quantize(x, ActFormat(bits=8, block=5)))
+    assert torch.equal(bfp_quantize(x, ActFormat(bits=8, block=10**9)), bfp_quantize(x, ActFormat(bits=8, block=5)))
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.uint8, torch.bool])

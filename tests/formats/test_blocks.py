@@ -1,4 +1,5 @@
 """Block layouts: slices, KDS shapes and scale expansion against a naive per-slice loop."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 
 from dsq.formats import AUTO, CHANNEL, FLAT, BlockLayout, blocked, unblocked
 from dsq.formats.blocks import n_blocks, resolve_layout
+
 from zoo import ref_expand, ref_layout, ref_scale_shape, ref_slices
 
 # (O, I, kh, kw, block): ragged last blocks, block 1, block > I, depthwise-like I = 1, 1x1, 7x7 stem
@@ -108,7 +110,9 @@ def test_resolve_layout_rejects_unknown(one_line_dsq_error):
     assert "rows" in msg
 
 
-@pytest.mark.parametrize("length,block,expected", [(40, 32, 2), (32, 32, 1), (1, 32, 1), (5, 1, 5), (0, 4, 0), (65, 8, 9)])
+@pytest.mark.parametrize(
+    "length,block,expected", [(40, 32, 2), (32, 32, 1), (1, 32, 1), (5, 1, 5), (0, 4, 0), (65, 8, 9)]
+)
 def test_n_blocks(length, block, expected):
     assert n_blocks(length, block) == expected
 
@@ -134,7 +138,7 @@ def test_blocked_unblocked_round_trip(dim, block):
 def test_a_huge_block_costs_no_memory_and_equals_the_axis(kind):
     """A block of 10**9 used to pad every slice to 10**9 numbers (gigabytes for a small weight)."""
     w = _weight((2, 5, 3, 3), seed=4)
-    huge = BlockLayout(kind, 10 ** 9, tuple(w.shape))
+    huge = BlockLayout(kind, 10**9, tuple(w.shape))
     axis = BlockLayout(kind, huge.axis_length, tuple(w.shape))
     assert huge.width == axis.width == huge.axis_length
     assert huge.scale_shape == axis.scale_shape
@@ -145,15 +149,18 @@ def test_a_huge_block_costs_no_memory_and_equals_the_axis(kind):
     assert torch.equal(huge.from_slices(huge.to_slices(w)), w)
 
 
-@pytest.mark.parametrize("kind,block,shape", [
-    ("rows", 4, (1, 4, 1, 1)),  # main cut an unknown kind as flat
-    ("auto", 4, (1, 4, 1, 1)),  # auto is resolved before a layout is made
-    (CHANNEL, 0, (1, 4, 1, 1)),
-    (CHANNEL, 2.0, (1, 4, 1, 1)),
-    (CHANNEL, 4, (1, 4, 1)),
-    (CHANNEL, 4, (1, -4, 1, 1)),
-    (FLAT, 4, (1, 4.0, 1, 1)),
-])
+@pytest.mark.parametrize(
+    "kind,block,shape",
+    [
+        ("rows", 4, (1, 4, 1, 1)),  # main cut an unknown kind as flat
+        ("auto", 4, (1, 4, 1, 1)),  # auto is resolved before a layout is made
+        (CHANNEL, 0, (1, 4, 1, 1)),
+        (CHANNEL, 2.0, (1, 4, 1, 1)),
+        (CHANNEL, 4, (1, 4, 1)),
+        (CHANNEL, 4, (1, -4, 1, 1)),
+        (FLAT, 4, (1, 4.0, 1, 1)),
+    ],
+)
 def test_block_layout_refuses_what_it_cannot_cut(kind, block, shape, one_line_dsq_error):
     one_line_dsq_error(BlockLayout, kind, block, shape)
 

@@ -1,4 +1,5 @@
 """Bit packing of b-bit VQK codes: exact round trips, byte counts, bit order, weight order."""
+
 from __future__ import annotations
 
 import math
@@ -6,7 +7,16 @@ import math
 import pytest
 import torch
 
-from dsq.formats import BlockLayout, WeightFormat, pack, pack_weight, packed_size, quantize_weight, unpack, unpack_weight
+from dsq.formats import (
+    BlockLayout,
+    WeightFormat,
+    pack,
+    pack_weight,
+    packed_size,
+    quantize_weight,
+    unpack,
+    unpack_weight,
+)
 
 ALL_BITS = range(2, 9)
 LENGTHS = [0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 63, 1001]
@@ -25,7 +35,7 @@ def _reference_pack(codes: list[int], bits: int) -> list[int]:
     """The documented order, bit by bit: code i's bit j is stream bit i*b + j, LSB first."""
     stream = [(c >> j) & 1 for c in codes for j in range(bits)]  # Python ints: two's complement bits
     stream += [0] * (-len(stream) % 8)
-    return [sum(bit << k for k, bit in enumerate(stream[i:i + 8])) for i in range(0, len(stream), 8)]
+    return [sum(bit << k for k, bit in enumerate(stream[i : i + 8])) for i in range(0, len(stream), 8)]
 
 
 @pytest.mark.parametrize("bits", ALL_BITS)
@@ -90,12 +100,15 @@ def test_bits_outside_2_to_8_are_refused(bits, one_line_dsq_error):
 # ---- whole conv weights: slice order, padding left out -------------------------------------------
 
 
-@pytest.mark.parametrize("shape, groups, layout", [
-    ((8, 3, 3, 3), 1, "channel"),    # ragged: 3 input channels in blocks of 4
-    ((6, 10, 1, 1), 1, "channel"),   # ragged: 10 = 4 + 4 + 2
-    ((8, 1, 3, 3), 8, "auto"),       # depthwise: flat blocks of 9 taps -> 4 + 4 + 1
-    ((5, 7), 1, "flat"),             # a linear weight as a 1x1 conv
-])
+@pytest.mark.parametrize(
+    "shape, groups, layout",
+    [
+        ((8, 3, 3, 3), 1, "channel"),  # ragged: 3 input channels in blocks of 4
+        ((6, 10, 1, 1), 1, "channel"),  # ragged: 10 = 4 + 4 + 2
+        ((8, 1, 3, 3), 8, "auto"),  # depthwise: flat blocks of 9 taps -> 4 + 4 + 1
+        ((5, 7), 1, "flat"),  # a linear weight as a 1x1 conv
+    ],
+)
 @pytest.mark.parametrize("bits", [3, 4, 7])
 def test_weight_round_trip_is_exact_and_laid_out_like_the_fit(shape, groups, layout, bits):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(7))
@@ -117,15 +130,18 @@ def test_weight_codes_go_in_slice_order():
 # ---- hostile codes and counts -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("codes", [
-    torch.tensor([65537, 1], dtype=torch.int32),  # wrapped to 1 in int16 on main and packed
-    torch.tensor([65536.0, 1.0]),  # likewise, as floats
-    torch.tensor([1e10, 0.0]),
-    torch.tensor([2.5, 1.0]),  # main truncated to 2
-    torch.tensor([float("nan"), 1.0]),
-    torch.tensor([float("inf"), 1.0]),
-    torch.tensor([True, False]),
-])
+@pytest.mark.parametrize(
+    "codes",
+    [
+        torch.tensor([65537, 1], dtype=torch.int32),  # wrapped to 1 in int16 on main and packed
+        torch.tensor([65536.0, 1.0]),  # likewise, as floats
+        torch.tensor([1e10, 0.0]),
+        torch.tensor([2.5, 1.0]),  # main truncated to 2
+        torch.tensor([float("nan"), 1.0]),
+        torch.tensor([float("inf"), 1.0]),
+        torch.tensor([True, False]),
+    ],
+)
 def test_pack_refuses_codes_that_are_not_whole_b_bit_numbers(codes, one_line_dsq_error):
     one_line_dsq_error(pack, codes, 4)
 
@@ -137,5 +153,5 @@ def test_unpack_refuses_a_count_that_is_not_a_whole_number(count, one_line_dsq_e
 
 def test_unpack_weight_checks_the_bytes_before_allocating_the_layout(one_line_dsq_error):
     """A file claiming a 10**6 x 10**6 weight with 4 bytes: main built the layout's 10**12-entry mask first."""
-    layout = BlockLayout("channel", 32, (10 ** 6, 10 ** 6, 1, 1))
+    layout = BlockLayout("channel", 32, (10**6, 10**6, 1, 1))
     one_line_dsq_error(unpack_weight, torch.zeros(4, dtype=torch.uint8), layout, 4)

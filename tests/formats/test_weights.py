@@ -1,4 +1,5 @@
 """VQK/KDS fitting: the spec's test vector, rounding, clamping, refinement, KL, format checks."""
+
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from scipy.special import log_softmax
 
 from dsq.errors import DsqError
 from dsq.formats import ActFormat, WeightFormat, dequantize, fit_kl, fit_l2, quantize_weight
+
 from zoo import ref_dequantize, ref_l2_slice, ref_layout, ref_scale_shape, ref_slices
 
 SPEC_W = [0.3, 0.1, 0.4, -0.5, -0.3, -0.4, -0.5, -0.5, 1.0]
@@ -78,7 +80,10 @@ def test_sum_aware_scale_minimises_its_objective():
     # it trades L2 error for a smaller slice-sum error than the plain fit
     q0, a0 = fit_l2(w, 4, rounds=0)
     assert torch.equal(q, q0)
-    sum_err = lambda a: (w.double().sum(1) - a.double() * q.double().sum(1)).abs().sum()
+
+    def sum_err(a):
+        return (w.double().sum(1) - a.double() * q.double().sum(1)).abs().sum()
+
     assert sum_err(alpha) < sum_err(a0)
 
 
@@ -229,11 +234,11 @@ def test_quantize_weight_linear():
     assert deq.shape == (7, 70)
     for o in range(7):
         for j in range(3):
-            s = w[o, 32 * j: 32 * (j + 1)]
+            s = w[o, 32 * j : 32 * (j + 1)]
             q_ref, a_ref = ref_l2_slice(s.numpy(), 4)
-            assert qw.vqk[o, 32 * j: 32 * (j + 1)].tolist() == q_ref.astype(int).tolist()
+            assert qw.vqk[o, 32 * j : 32 * (j + 1)].tolist() == q_ref.astype(int).tolist()
             expected = torch.from_numpy(q_ref.astype(np.float64) * a_ref)
-            assert torch.allclose(deq[o, 32 * j: 32 * (j + 1)].double(), expected, atol=1e-6)
+            assert torch.allclose(deq[o, 32 * j : 32 * (j + 1)].double(), expected, atol=1e-6)
 
 
 def test_quantize_weight_error_shrinks_with_bits():
@@ -241,7 +246,7 @@ def test_quantize_weight_error_shrinks_with_bits():
     errs = []
     for bits in range(2, 9):
         deq = quantize_weight(w, WeightFormat(bits=bits)).dequantize()
-        errs.append(((deq - w) ** 2).sum().item() / (w ** 2).sum().item())
+        errs.append(((deq - w) ** 2).sum().item() / (w**2).sum().item())
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     # about 6 dB per bit: 8-bit relative squared error is tiny
     assert errs[-1] < 1e-4
@@ -294,7 +299,7 @@ def test_fit_kl_mask_excludes_padding():
     w = torch.where(mask, w, torch.zeros_like(w))
     _, alpha = fit_kl(w, 4, mask=mask)
     for r, n in enumerate(lengths):
-        _, a_short = fit_kl(w[r:r + 1, :n], 4)
+        _, a_short = fit_kl(w[r : r + 1, :n], 4)
         assert alpha[r].item() == pytest.approx(a_short.item(), rel=1e-5)
     # without the mask the padding counts in the softmax, which changes the answer
     short = torch.zeros(1, 32)
@@ -358,9 +363,20 @@ def test_formats_reject_block(block, one_line_dsq_error):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(method="l1"), dict(method=None), dict(rounds=-1), dict(rounds=1.5), dict(rounds=True),
-               dict(layout="rows"), dict(layout=None), dict(sum_weight=-0.1), dict(sum_weight=float("inf")),
-               dict(sum_weight=float("nan")), dict(sum_weight="0.5")]
+    "kwargs",
+    [
+        dict(method="l1"),
+        dict(method=None),
+        dict(rounds=-1),
+        dict(rounds=1.5),
+        dict(rounds=True),
+        dict(layout="rows"),
+        dict(layout=None),
+        dict(sum_weight=-0.1),
+        dict(sum_weight=float("inf")),
+        dict(sum_weight=float("nan")),
+        dict(sum_weight="0.5"),
+    ],
 )
 def test_weight_format_rejects_other_settings(kwargs, one_line_dsq_error):
     one_line_dsq_error(WeightFormat, **kwargs)
@@ -390,9 +406,9 @@ def test_l2_fit_of_denormal_slices_is_the_scaled_normal_fit(power, rounds):
     """The fit runs in float64: 2^k * w (denormal) fits like w, scaled."""
     w = torch.tensor([[1.0, 0.0, 1.0, -0.375], [0.0, 0.0, 0.0, 0.0], [-1.0, 0.5, 0.0, 0.25]])
     q, alpha = fit_l2(w, 4, rounds)
-    q_k, alpha_k = fit_l2(w * 2.0 ** power, 4, rounds)
+    q_k, alpha_k = fit_l2(w * 2.0**power, 4, rounds)
     assert torch.equal(q_k, q)  # main gave NaN codes for denormal slices (0 * inf)
-    assert torch.allclose(alpha_k.double(), alpha.double() * 2.0 ** power, rtol=1e-4, atol=0)
+    assert torch.allclose(alpha_k.double(), alpha.double() * 2.0**power, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize("method", ["l2", "kl"])
@@ -418,7 +434,7 @@ def test_a_scale_that_would_overflow_is_the_largest_finite_one():
 def test_kl_scale_of_tiny_weights_keeps_its_sign_and_value(power):
     """Tiny weights make softmax(w) nearly flat; main's Newton steps then followed rounding noise
     (alpha off by 80 % or of the wrong sign at 1e-16). The limit is the centred least-squares scale."""
-    w = _rows(64, 16, seed=1) * 2.0 ** -power
+    w = _rows(64, 16, seed=1) * 2.0**-power
     q, alpha = fit_kl(w, 4)
     qc, wc = q.double() - q.double().mean(1, keepdim=True), w.double() - w.double().mean(1, keepdim=True)
     expected = (wc * qc).sum(1) / (qc * qc).sum(1)
@@ -444,23 +460,34 @@ def test_refinement_stops_once_no_slice_improves(monkeypatch):
     assert torch.equal(q, q_ref) and torch.equal(alpha, alpha_ref)
 
 
-@pytest.mark.parametrize("weight", [
-    torch.ones(2, 3, 3, 3, dtype=torch.int64),  # main quantized integers silently
-    torch.ones(2, 3, 3, 3, dtype=torch.bool),
-    torch.ones(2, 3, 3),  # a Conv1d weight
-    torch.ones(6),
-    torch.tensor([[1.0, float("nan")]]),  # main: the slice's scale became 0, silently
-    torch.tensor([[1.0, float("inf")]]),
-    torch.tensor([[1.0, 1e300]], dtype=torch.float64),  # beyond float32
-])
+@pytest.mark.parametrize(
+    "weight",
+    [
+        torch.ones(2, 3, 3, 3, dtype=torch.int64),  # main quantized integers silently
+        torch.ones(2, 3, 3, 3, dtype=torch.bool),
+        torch.ones(2, 3, 3),  # a Conv1d weight
+        torch.ones(6),
+        torch.tensor([[1.0, float("nan")]]),  # main: the slice's scale became 0, silently
+        torch.tensor([[1.0, float("inf")]]),
+        torch.tensor([[1.0, 1e300]], dtype=torch.float64),  # beyond float32
+    ],
+)
 def test_quantize_weight_refuses_what_it_cannot_quantize(weight, one_line_dsq_error):
     one_line_dsq_error(quantize_weight, weight, WeightFormat())
 
 
-@pytest.mark.parametrize("call", [
-    lambda w: fit_l2(w, 1), lambda w: fit_l2(w, 9), lambda w: fit_l2(w, 4.0), lambda w: fit_l2(w, 4, rounds=-1),
-    lambda w: fit_l2(w, 4, sum_weight=-1.0), lambda w: fit_l2(w, 4, sum_weight=1e300), lambda w: fit_kl(w, 0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda w: fit_l2(w, 1),
+        lambda w: fit_l2(w, 9),
+        lambda w: fit_l2(w, 4.0),
+        lambda w: fit_l2(w, 4, rounds=-1),
+        lambda w: fit_l2(w, 4, sum_weight=-1.0),
+        lambda w: fit_l2(w, 4, sum_weight=1e300),
+        lambda w: fit_kl(w, 0),
+    ],
+)
 def test_fits_check_their_arguments(call, one_line_dsq_error):
     one_line_dsq_error(call, _rows(3, 8))
 
@@ -469,4 +496,3 @@ def test_fits_check_their_arguments(call, one_line_dsq_error):
 def test_weight_format_rejects_an_absurd_sum_weight(sum_weight, one_line_dsq_error):
     """Past 1e6 the slice sum alone decides alpha; 1e300 overflowed the fit's sums into NaN scales."""
     assert "sum weight" in one_line_dsq_error(WeightFormat, sum_weight=sum_weight)
-

@@ -7,17 +7,20 @@ from dsq.models import build_model, known_archs
 from dsq.models.registry import arch_from_filename
 
 
-@pytest.mark.parametrize("file_name, arch", [
-    ("resnet50.pth", "resnet50"),
-    ("resnet50-0676ba61.pth", "resnet50"),
-    ("resnet18_custom.pt", "resnet18"),
-    ("RESNET101.tar", "resnet101"),
-    ("resnet20-12fca82f.th", "cifar_resnet20"),
-    ("resnet110.pth", "cifar_resnet110"),
-    ("efficientnet-lite0-57934424.pth", "efficientnet_lite0"),
-    ("vgg11_bn-6002323d.pth", "vgg11_bn"),
-    ("wide_resnet50_2.safetensors", "wide_resnet50_2"),
-])
+@pytest.mark.parametrize(
+    "file_name, arch",
+    [
+        ("resnet50.pth", "resnet50"),
+        ("resnet50-0676ba61.pth", "resnet50"),
+        ("resnet18_custom.pt", "resnet18"),
+        ("RESNET101.tar", "resnet101"),
+        ("resnet20-12fca82f.th", "cifar_resnet20"),
+        ("resnet110.pth", "cifar_resnet110"),
+        ("efficientnet-lite0-57934424.pth", "efficientnet_lite0"),
+        ("vgg11_bn-6002323d.pth", "vgg11_bn"),
+        ("wide_resnet50_2.safetensors", "wide_resnet50_2"),
+    ],
+)
 def test_arch_inferred_from_file_name(file_name, arch):
     assert arch_from_filename(Path(file_name)).name == arch
 

@@ -8,19 +8,25 @@ from torchvision import transforms
 
 from dsq.models import build_model, load_model
 
-PREPROCESS = transforms.Compose([
-    transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
-    transforms.CenterCrop(224),
-    transforms.ToTensor(),
-    transforms.Normalize([127 / 255] * 3, [128 / 255] * 3),
-])
+PREPROCESS = transforms.Compose(
+    [
+        transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(224),
+        transforms.ToTensor(),
+        transforms.Normalize([127 / 255] * 3, [128 / 255] * 3),
+    ]
+)
 
 
 def test_lite0_loads_from_its_package_silently_in_eval_mode(capfd):
     loaded = load_model("efficientnet-lite0")
     assert capfd.readouterr() == ("", "")
     assert (loaded.arch, loaded.preset, loaded.num_classes, loaded.known_top1) == (
-        "efficientnet_lite0", "efficientnet_lite0", 1000, 75.1)
+        "efficientnet_lite0",
+        "efficientnet_lite0",
+        1000,
+        75.1,
+    )
     assert not loaded.model.training
 
 

@@ -1,6 +1,7 @@
 """dsq.quantize, dsq.calibrate and dsq.nn.set_backend given hostile arguments and unusual models:
 each ends in a one-line DsqError or a correct result, says what it converted or skipped, and
 never touches its input."""
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ X = torch.randn(2, 3, 8, 8)
 
 def small() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
 
 
 def quiet_quantize(model, **kwargs):
@@ -70,9 +77,16 @@ def test_model_that_cannot_be_quantized(make, one_line_dsq_error):
         assert any(name in message for name, _ in model.named_parameters()) or "running_" in message
 
 
-HOSTILE_SETTINGS = [dict(depthwise_bits=99), dict(depthwise_bits=1.5), dict(layer_bits="conv=4"),
-                    dict(layer_bits={3: 4}), dict(include=None), dict(include=5), dict(exclude=[1, 2]),
-                    dict(exclude={"a": 1})]
+HOSTILE_SETTINGS = [
+    dict(depthwise_bits=99),
+    dict(depthwise_bits=1.5),
+    dict(layer_bits="conv=4"),
+    dict(layer_bits={3: 4}),
+    dict(include=None),
+    dict(include=5),
+    dict(exclude=[1, 2]),
+    dict(exclude={"a": 1}),
+]
 
 
 @pytest.mark.parametrize("kwargs", HOSTILE_SETTINGS, ids=[repr(k) for k in HOSTILE_SETTINGS])
@@ -153,9 +167,17 @@ def test_reparametrized_weight_is_folded_and_noted(kind):
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
 
 
-@pytest.mark.parametrize("layer", [nn.Conv1d(3, 4, 3), nn.Conv3d(3, 4, 3), nn.ConvTranspose1d(3, 4, 3),
-                                   nn.ConvTranspose2d(3, 4, 3), nn.ConvTranspose3d(3, 4, 3)],
-                         ids=lambda m: type(m).__name__)
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv1d(3, 4, 3),
+        nn.Conv3d(3, 4, 3),
+        nn.ConvTranspose1d(3, 4, 3),
+        nn.ConvTranspose2d(3, 4, 3),
+        nn.ConvTranspose3d(3, 4, 3),
+    ],
+    ids=lambda m: type(m).__name__,
+)
 def test_unsupported_convs_are_listed_as_float_with_the_reason(layer):
     model = nn.ModuleDict({"odd": layer, "conv": nn.Conv2d(3, 4, 3)})
     q, r = quiet_quantize(model)
@@ -182,8 +204,19 @@ def test_globs_that_match_nothing_warn():
 def test_the_cli_says_each_glob_that_matches_nothing_once_on_stderr(tmp_path):
     from dsq_cli_testkit import RESNET20, need, run_dsq
 
-    result = run_dsq("quantize", need(RESNET20), "--keep-float", "conv9", "--layer-bits", "layer9.*=6",
-                     "--layer-bits", "layer1.*=6", "-q", "--json", tmp_path / "run.json")
+    result = run_dsq(
+        "quantize",
+        need(RESNET20),
+        "--keep-float",
+        "conv9",
+        "--layer-bits",
+        "layer9.*=6",
+        "--layer-bits",
+        "layer1.*=6",
+        "-q",
+        "--json",
+        tmp_path / "run.json",
+    )
     assert result.exit_code == 0, result.output
     warned = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warned) == 2 and "'conv9'" in warned[0] and "'layer9.*'" in warned[1], warned
@@ -214,8 +247,9 @@ def _calibrate(case, images=None, **kwargs):
 
     q = copy.deepcopy(q)
     images = torch.randn(4, 3, 8, 8) if images is None else images
-    return dsq.calibrate(kwargs.pop("float_model", model), q, kwargs.pop("report", r), images,
-                         **{"adapt_steps": 0, **kwargs})
+    return dsq.calibrate(
+        kwargs.pop("float_model", model), q, kwargs.pop("report", r), images, **{"adapt_steps": 0, **kwargs}
+    )
 
 
 HOSTILE_CALIBRATIONS = {

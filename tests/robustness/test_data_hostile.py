@@ -4,6 +4,7 @@ Each case ends in a correct result or a one-line DsqError (CLI: `Error: ...`, ex
 names what is wrong; no input file is modified. Small synthetic folders (tmp_path) where they
 suffice; real CIFAR-10 test images (read in place, linked) where the case needs real data.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,6 +19,7 @@ from PIL import Image
 
 from dsq.calibration import calibration_files, calibration_set
 from dsq.data import CIFAR10_CLASSES, LabelledImages, Preset, get_preset, load_image, open_dataset
+
 from dsq_cli_testkit import CIFAR, RESNET20, error_line, need, run_dsq
 
 CLASSES = ["cat", "dog"]
@@ -37,6 +39,7 @@ def file_names(dataset) -> list[str]:
 
 
 # ---- 1. calibration images never judged, whatever their path ----------------------------------
+
 
 @pytest.mark.realdata
 def test_calibration_images_given_through_links_are_left_out(tmp_path):
@@ -76,6 +79,7 @@ def test_only_files_of_a_calibration_size_are_hashed(tmp_path, monkeypatch):
 
 # ---- 2. symlink loops and links between folders --------------------------------------------------
 
+
 def test_symlink_loops_list_every_image_once(tmp_path):
     root = small_folders(tmp_path / "data")
     (root / "cat" / "up").symlink_to(root)  # a loop through the root
@@ -96,6 +100,7 @@ def test_loop_in_calibration_folder_top_level(tmp_path):
 
 
 # ---- 3. how labels were assigned to renamed class folders --------------------------------------
+
 
 def test_renamed_class_folders_say_how_they_were_labelled(tmp_path):
     dataset = open_dataset(small_folders(tmp_path / "renamed", [f"class{i}" for i in range(10)], per_class=1))
@@ -133,10 +138,13 @@ def test_float_grey_is_read_on_the_0_to_1_scale(tmp_path):
     assert np.abs(rgb[..., 1].astype(int) - np.round(values * 255)).max() <= 1
 
 
-@pytest.mark.parametrize("make", [
-    lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)),  # fully transparent red
-    lambda: Image.new("LA", (4, 4), (0, 0)),  # fully transparent black
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Image.new("RGBA", (4, 4), (255, 0, 0, 0)),  # fully transparent red
+        lambda: Image.new("LA", (4, 4), (0, 0)),  # fully transparent black
+    ],
+)
 def test_transparent_pixels_are_shown_over_white(tmp_path, make):
     assert (rgb_of(tmp_path, make()) == 255).all()
     assert (np.asarray(get_preset("cifar10").transform().transforms[0](make())) == 255).all()  # a PIL image given
@@ -178,6 +186,7 @@ def test_every_mode_decodes_to_what_a_viewer_shows(tmp_path):
 
 # ---- 5. --data one folder too high ----------------------------------------------------------------
 
+
 def val_image(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (8, 8)).save(path, "JPEG")
@@ -211,10 +220,16 @@ def cifar_parent(top: Path) -> Path:
     return small_folders(top / "cifar10-test", list(CIFAR10_CLASSES), per_class=1)
 
 
-@pytest.mark.parametrize("make, data", [
-    (devkit_parent, "."), (kaggle_parent, "."), (torchvision_without_meta, "."), (cifar_parent, "."),
-    (kaggle_ilsvrc, "imagenet-object-localization-challenge/ILSVRC"),
-])
+@pytest.mark.parametrize(
+    "make, data",
+    [
+        (devkit_parent, "."),
+        (kaggle_parent, "."),
+        (torchvision_without_meta, "."),
+        (cifar_parent, "."),
+        (kaggle_ilsvrc, "imagenet-object-localization-challenge/ILSVRC"),
+    ],
+)
 @pytest.mark.parametrize("classes", [None, ["n01440764", "n01443537"]])
 def test_data_one_folder_too_high_says_where_the_images_are(tmp_path, one_line_dsq_error, make, data, classes):
     images = make(tmp_path)
@@ -243,12 +258,23 @@ def test_devkit_found_above_the_real_folder_of_a_linked_val(tmp_path):
 
 # ---- 6. preset numbers -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("changes, words", [
-    (dict(crop=100_000), "crop"), (dict(crop="100000"), "crop"), (dict(resize="9" * 5000), "resize"),
-    (dict(resize=1025), "resize"), (dict(std="nan"), "std"), (dict(std="0.2,inf,0.2"), "std"),
-    (dict(mean="nan,0.4,0.4"), "mean"), (dict(mean="123.7,116.3,103.5"), "0, 1"), (dict(std="58,57,57"), "std"),
-    (dict(mean=[True, 0.5, 0.5]), "mean"), (dict(interpolation=["bilinear"]), "interpolation"),
-])
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        (dict(crop=100_000), "crop"),
+        (dict(crop="100000"), "crop"),
+        (dict(resize="9" * 5000), "resize"),
+        (dict(resize=1025), "resize"),
+        (dict(std="nan"), "std"),
+        (dict(std="0.2,inf,0.2"), "std"),
+        (dict(mean="nan,0.4,0.4"), "mean"),
+        (dict(mean="123.7,116.3,103.5"), "0, 1"),
+        (dict(std="58,57,57"), "std"),
+        (dict(mean=[True, 0.5, 0.5]), "mean"),
+        (dict(interpolation=["bilinear"]), "interpolation"),
+    ],
+)
 def test_bad_preset_numbers_are_refused(one_line_dsq_error, changes, words):
     assert words in one_line_dsq_error(get_preset("imagenet").replace, **changes)
 
@@ -274,8 +300,13 @@ def test_cli_refuses_bad_preset_numbers(flag, value):
 
 def test_extreme_aspect_ratio_is_refused_before_the_resize(tmp_path):
     Image.new("L", (1, 100)).save(tmp_path / "thin.png")  # resized to 256 x 25600: over MAX_PIXELS
-    dataset = LabelledImages([(str(tmp_path / "thin.png"), 0)], ["a"], get_preset("imagenet").transform(),
-                             source=str(tmp_path), layout="test")
+    dataset = LabelledImages(
+        [(str(tmp_path / "thin.png"), 0)],
+        ["a"],
+        get_preset("imagenet").transform(),
+        source=str(tmp_path),
+        layout="test",
+    )
     with pytest.raises(Exception) as caught:
         dataset[0]
     assert type(caught.value).__name__ == "DsqError" and "thin.png" in str(caught.value)
@@ -284,19 +315,27 @@ def test_extreme_aspect_ratio_is_refused_before_the_resize(tmp_path):
 
 # ---- 8. images that cannot be decoded ---------------------------------------------------------------
 
+
 def png_declaring(width: int, height: int) -> bytes:
     """A tiny PNG whose header declares width x height grey pixels (the data stops early)."""
-    chunk = lambda kind, data: (struct.pack(">I", len(data)) + kind + data  # noqa: E731
-                                + struct.pack(">I", zlib.crc32(kind + data)))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
-@pytest.mark.parametrize("name, content, words", [
-    ("zero.jpg", b"", "the file is empty"),
-    ("bomb.png", png_declaring(9400, 9400), "decompression bomb"),  # under Pillow's own limit
-], ids=["zero-byte", "bomb-under-pillow-limit"])
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("zero.jpg", b"", "the file is empty"),
+        ("bomb.png", png_declaring(9400, 9400), "decompression bomb"),  # under Pillow's own limit
+    ],
+    ids=["zero-byte", "bomb-under-pillow-limit"],
+)
 def test_undecodable_image_is_one_cli_line_naming_it(tmp_path, name, content, words):
     root = small_folders(tmp_path / "data", list(CIFAR10_CLASSES), per_class=1)
     (root / "cat" / name).write_bytes(content)

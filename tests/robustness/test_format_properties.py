@@ -6,6 +6,7 @@ Values: all-zero slices, a single non-zero in a block, mixed signs, magnitudes f
 (1e-45) to near the float32 max (3e38), plus any float32 that hypothesis picks (it favours
 edge values: subnormals, the max, -0.0). Derandomized: CI runs the same examples every time.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,27 +18,46 @@ from hypothesis import strategies as st
 
 from dsq.errors import DsqError
 from dsq.formats import (
-    CHANNEL, FLAT, LAYOUTS, ActFormat, BlockLayout, WeightFormat, bfp_encode, bfp_quantize, fit_kl, fit_l2,
-    pack, pack_weight, packed_size, quantize_weight, unpack, unpack_weight,
+    CHANNEL,
+    FLAT,
+    LAYOUTS,
+    ActFormat,
+    BlockLayout,
+    WeightFormat,
+    bfp_encode,
+    bfp_quantize,
+    fit_kl,
+    fit_l2,
+    pack,
+    pack_weight,
+    packed_size,
+    quantize_weight,
+    unpack,
+    unpack_weight,
 )
 from dsq.formats.weights import code_range
+
 from zoo import ref_bfp
 
-PROPERTY = settings(max_examples=150, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=150,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 F32 = torch.finfo(torch.float32)
 SMALLEST_SUBNORMAL = F32.smallest_normal * F32.eps  # 2^-149
-MAGNITUDES = [1.0, 1e-3, 1e-16, 2.0 ** -60, 1e-30, 1e-40, 1e-45, 1e30, 3e38, F32.max]
+MAGNITUDES = [1.0, 1e-3, 1e-16, 2.0**-60, 1e-30, 1e-40, 1e-45, 1e30, 3e38, F32.max]
 ANY_FLOAT32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 
 bits_st = st.integers(2, 8)
-blocks_st = st.one_of(st.integers(1, 256), st.sampled_from([1, 2, 3, 8, 9, 32, 10 ** 9]))
+blocks_st = st.one_of(st.integers(1, 256), st.sampled_from([1, 2, 3, 8, 9, 32, 10**9]))
 
 
 @st.composite
 def tensors(draw, shape, magnitudes=MAGNITUDES, specials=True):
     """float32 `shape`: uniform in [-scale, scale], some entries zeroed, some set to any float32."""
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 32 - 1)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     scale = draw(st.sampled_from(magnitudes))
     x = ((torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1) * scale).float()
     zero_share = draw(st.sampled_from([0.0, 0.5, 0.9, 1.0]))
@@ -59,8 +79,13 @@ def conv_weights(draw):
 
 
 weight_formats = st.builds(
-    WeightFormat, bits=bits_st, block=blocks_st, method=st.sampled_from(["l2", "kl"]), rounds=st.integers(0, 6),
-    layout=st.sampled_from(LAYOUTS), sum_weight=st.sampled_from([0.0, 0.466, 3.0]),
+    WeightFormat,
+    bits=bits_st,
+    block=blocks_st,
+    method=st.sampled_from(["l2", "kl"]),
+    rounds=st.integers(0, 6),
+    layout=st.sampled_from(LAYOUTS),
+    sum_weight=st.sampled_from([0.0, 0.466, 3.0]),
 )
 
 
@@ -84,8 +109,9 @@ def test_quantize_weight_is_finite_in_range_and_keeps_zero_slices(w, fmt, groups
     qw = quantize_weight(w, fmt, groups)
     assert torch.equal(w, before)  # the input is never modified
     in_per_group = w.shape[1]
-    expected_kind = fmt.layout if fmt.layout != "auto" else (
-        FLAT if groups > 1 and in_per_group < fmt.block else CHANNEL)
+    expected_kind = (
+        fmt.layout if fmt.layout != "auto" else (FLAT if groups > 1 and in_per_group < fmt.block else CHANNEL)
+    )
     assert qw.layout.kind == expected_kind
     lo, hi = code_range(fmt.bits)
     assert qw.vqk.dtype == torch.int8 and qw.vqk.shape == w.shape
@@ -101,8 +127,13 @@ def test_quantize_weight_is_finite_in_range_and_keeps_zero_slices(w, fmt, groups
 
 
 @PROPERTY
-@given(w=conv_weights(), extra=st.sampled_from([0, 1, 7, 10 ** 9]), bits=bits_st, kind=st.sampled_from([CHANNEL, FLAT]),
-       method=st.sampled_from(["l2", "kl"]))
+@given(
+    w=conv_weights(),
+    extra=st.sampled_from([0, 1, 7, 10**9]),
+    bits=bits_st,
+    kind=st.sampled_from([CHANNEL, FLAT]),
+    method=st.sampled_from(["l2", "kl"]),
+)
 def test_a_block_longer_than_the_axis_is_the_axis(w, extra, bits, kind, method):
     """Any block at least as long as the blocked axis gives what a block of the axis length gives,
     and costs no memory in proportion to the block (10**9 here)."""
@@ -122,8 +153,13 @@ def slices(draw, magnitudes=MAGNITUDES, specials=True):
 
 
 @PROPERTY
-@given(w=slices(), bits=bits_st, rounds=st.integers(0, 8), sum_weight=st.sampled_from([0.0, 0.466, 3.0]),
-       method=st.sampled_from(["l2", "kl"]))
+@given(
+    w=slices(),
+    bits=bits_st,
+    rounds=st.integers(0, 8),
+    sum_weight=st.sampled_from([0.0, 0.466, 3.0]),
+    method=st.sampled_from(["l2", "kl"]),
+)
 def test_fits_give_whole_codes_in_range_and_finite_scales(w, bits, rounds, sum_weight, method):
     q, alpha = fit_l2(w, bits, rounds, sum_weight) if method == "l2" else fit_kl(w, bits)
     lo, hi = code_range(bits)
@@ -161,15 +197,20 @@ def test_refinement_never_increases_the_slice_error(w, bits, sum_weight, rounds)
 
 
 @PROPERTY
-@given(w=slices(magnitudes=[1.0], specials=False), bits=bits_st, rounds=st.integers(0, 6),
-       sum_weight=st.sampled_from([0.0, 0.466]), power=st.integers(-100, 100))
+@given(
+    w=slices(magnitudes=[1.0], specials=False),
+    bits=bits_st,
+    rounds=st.integers(0, 6),
+    sum_weight=st.sampled_from([0.0, 0.466]),
+    power=st.integers(-100, 100),
+)
 def test_l2_fit_is_exactly_scale_equivariant(w, bits, rounds, sum_weight, power):
     """Scaling a slice by 2^k scales alpha by 2^k and keeps the codes: near the float32 max too."""
-    w = torch.where(w.abs() < 2.0 ** -20, torch.zeros_like(w), w)  # keep scaled values normal floats
+    w = torch.where(w.abs() < 2.0**-20, torch.zeros_like(w), w)  # keep scaled values normal floats
     q, alpha = fit_l2(w, bits, rounds, sum_weight)
-    q_scaled, alpha_scaled = fit_l2(w * 2.0 ** power, bits, rounds, sum_weight)
+    q_scaled, alpha_scaled = fit_l2(w * 2.0**power, bits, rounds, sum_weight)
     assert torch.equal(q_scaled, q)
-    assert torch.equal(alpha_scaled, alpha * 2.0 ** power)
+    assert torch.equal(alpha_scaled, alpha * 2.0**power)
 
 
 @PROPERTY
@@ -177,7 +218,7 @@ def test_l2_fit_is_exactly_scale_equivariant(w, bits, rounds, sum_weight, power)
 def test_kl_scale_of_tiny_weights_is_the_centred_least_squares_scale(w, bits, power):
     """For tiny weights KL(softmax(w) || softmax(alpha q)) ~ ||(w - mean w) - alpha (q - mean q)||^2 / 2n:
     the KL scale tends to the least-squares scale of the centred slices, however tiny the weights."""
-    w = w * 2.0 ** -power
+    w = w * 2.0**-power
     q, alpha = fit_kl(w, bits)
     qc = q.double() - q.double().mean(dim=1, keepdim=True)
     wc = w.double() - w.double().mean(dim=1, keepdim=True)
@@ -189,8 +230,13 @@ def test_kl_scale_of_tiny_weights_is_the_centred_least_squares_scale(w, bits, po
 
 # --------------------------------------------------------------------------- packing
 @PROPERTY
-@given(bits=bits_st, n=st.integers(0, 200), seed=st.integers(0, 2 ** 31), as_float=st.booleans(),
-       intruder=st.one_of(st.none(), st.integers(-2 ** 31, 2 ** 31 - 1), ANY_FLOAT32, st.just(float("nan"))))
+@given(
+    bits=bits_st,
+    n=st.integers(0, 200),
+    seed=st.integers(0, 2**31),
+    as_float=st.booleans(),
+    intruder=st.one_of(st.none(), st.integers(-(2**31), 2**31 - 1), ANY_FLOAT32, st.just(float("nan"))),
+)
 def test_pack_round_trips_every_b_bit_code_and_refuses_anything_else(bits, n, seed, as_float, intruder):
     """Whole numbers in [-2^(b-1), 2^(b-1) - 1] (as integers or floats) pack and unpack exactly;
     one code outside them (too large for b bits or int16, a fraction, NaN) is a one-line error."""
@@ -206,13 +252,21 @@ def test_pack_round_trips_every_b_bit_code_and_refuses_anything_else(bits, n, se
             return
         codes = torch.cat([codes, torch.tensor([intruder], dtype=torch.int8)])
     packed = pack(values, bits)
-    assert packed.dtype == torch.uint8 and packed.numel() == packed_size(len(codes), bits) == math.ceil(len(codes) * bits / 8)
+    assert packed.dtype == torch.uint8
+    assert packed.numel() == packed_size(len(codes), bits) == math.ceil(len(codes) * bits / 8)
     assert torch.equal(unpack(packed, bits, len(codes)), codes)
 
 
 @PROPERTY
-@given(o=st.integers(1, 4), i=st.integers(1, 40), taps=st.sampled_from([(1, 1), (3, 3), (1, 3)]),
-       kind=st.sampled_from([CHANNEL, FLAT]), block=blocks_st, bits=bits_st, seed=st.integers(0, 2 ** 31))
+@given(
+    o=st.integers(1, 4),
+    i=st.integers(1, 40),
+    taps=st.sampled_from([(1, 1), (3, 3), (1, 3)]),
+    kind=st.sampled_from([CHANNEL, FLAT]),
+    block=blocks_st,
+    bits=bits_st,
+    seed=st.integers(0, 2**31),
+)
 def test_pack_weight_round_trips_every_layout(o, i, taps, kind, block, bits, seed):
     layout = BlockLayout(kind, block, (o, i, *taps))
     lo, hi = code_range(bits)
@@ -258,8 +312,11 @@ def test_bfp_mantissas_and_steps(x, bits, block):
     assert mant.dtype == torch.int8 and int(mant.abs().max()) <= lim
     c = x.shape[1]
     assert torch.equal((mant.float() * step).flatten(1, 2)[:, :c], bfp_quantize(x, fmt))
-    peak = mant.new_zeros(()).double() + x.double().abs().unflatten(1, (-1, mant.shape[2])).amax(dim=2, keepdim=True) \
-        if c % mant.shape[2] == 0 else None
+    peak = (
+        mant.new_zeros(()).double() + x.double().abs().unflatten(1, (-1, mant.shape[2])).amax(dim=2, keepdim=True)
+        if c % mant.shape[2] == 0
+        else None
+    )
     xb = torch.nn.functional.pad(x.double(), (0, 0, 0, 0, 0, mant.shape[1] * mant.shape[2] - c))
     peak = xb.abs().unflatten(1, (mant.shape[1], mant.shape[2])).amax(dim=2, keepdim=True)
     e = torch.frexp(peak)[1] - 1
@@ -271,9 +328,14 @@ def test_bfp_mantissas_and_steps(x, bits, block):
 
 
 @PROPERTY
-@given(power=st.one_of(st.integers(-149, -140), st.integers(-149, 127)), negative=st.booleans(), bits=bits_st, block=blocks_st,
-       x=activations())
+@given(
+    power=st.one_of(st.integers(-149, -140), st.integers(-149, 127)),
+    negative=st.booleans(),
+    bits=bits_st,
+    block=blocks_st,
+    x=activations(),
+)
 def test_bfp_keeps_a_power_of_two_block_max_exactly(power, negative, bits, block, x):
-    x = x.clamp(-2.0 ** power, 2.0 ** power)  # the power of two below is the block max
-    x[0, 0, 0, 0] = -(2.0 ** power) if negative else 2.0 ** power
+    x = x.clamp(-(2.0**power), 2.0**power)  # the power of two below is the block max
+    x[0, 0, 0, 0] = -(2.0**power) if negative else 2.0**power
     assert bfp_quantize(x, ActFormat(bits=bits, block=block))[0, 0, 0, 0] == x[0, 0, 0, 0]

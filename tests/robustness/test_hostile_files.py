@@ -3,6 +3,7 @@ the checks, not the checksum, must catch them), and float checkpoints with bad v
 
 Every case must end in one DsqError line, from `dsq.load` and from `dsq inspect`'s readers alike.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,12 +16,13 @@ import sys
 import pytest
 import torch
 import torch.nn as nn
-from dsq_cli_testkit import CIFAR, error_line, run_dsq
 from safetensors.torch import load_file, save_file
 
 import dsq
 from dsq import artifact
 from dsq.models import build_model, load_model
+
+from dsq_cli_testkit import CIFAR, error_line, run_dsq
 
 
 class TwoConv(nn.Module):
@@ -82,8 +84,11 @@ def rewrite(path, change_recipe=None, change_tensors=None, checksum=True):
 
 
 def test_a_changed_recipe_breaks_the_checksum(saved, tmp_path, one_line_dsq_error):
-    path = rewrite(_copy(saved, tmp_path), lambda r: r.update(accuracy={
-        "float": {"top1": 10.0, "images": 9}, "quantized": {"top1": 99.0, "images": 9}}), checksum=False)
+    path = rewrite(
+        _copy(saved, tmp_path),
+        lambda r: r.update(accuracy={"float": {"top1": 10.0, "images": 9}, "quantized": {"top1": 99.0, "images": 9}}),
+        checksum=False,
+    )
     for read in (dsq.load, artifact.read_recipe):
         message = one_line_dsq_error(read, path)
         assert "damaged" in message and "recipe" in message and "checksum" in message
@@ -108,6 +113,7 @@ def test_current_files_are_format_version_2(saved):
 
 # ---- 2. every number of the recipe, checked before anything is allocated from it --------------
 
+
 def _layer(name):
     return lambda r: r["layers"][name]
 
@@ -122,8 +128,9 @@ RECIPES = {
     "arch list": lambda r: r.update(arch=["cifar_resnet20"]),
     "preset string": lambda r: r.update(preset="cifar10"),
     "preset nameless": lambda r: r.update(preset={"resize": 32}),
-    "preset bad std": lambda r: r.update(preset={"name": "cifar10", "resize": None, "crop": None,
-                                                  "mean": [0, 0, 0], "std": [0, 1, 1]}),
+    "preset bad std": lambda r: r.update(
+        preset={"name": "cifar10", "resize": None, "crop": None, "mean": [0, 0, 0], "std": [0, 1, 1]}
+    ),
     "layers list": lambda r: r.update(layers=list(r["layers"].values())),
     "layers missing": lambda r: r.pop("layers"),
     "layer shape 2^40": lambda r: _layer("conv1")(r).update(shape=[2**40, 3, 3, 3]),
@@ -146,8 +153,9 @@ RECIPES = {
     "settings include string": lambda r: r["settings"].update(include="*"),
     "report layers dict": lambda r: r["report"].update(layers={}),
     "report quantized mismatch": lambda r: r["report"]["layers"][0].update(quantized=False),
-    "accuracy NaN": lambda r: r.update(accuracy={"float": {"top1": float("nan"), "images": 5},
-                                                 "quantized": {"top1": 9.0, "images": 5}}),
+    "accuracy NaN": lambda r: r.update(
+        accuracy={"float": {"top1": float("nan"), "images": 5}, "quantized": {"top1": 9.0, "images": 5}}
+    ),
     "accuracy string": lambda r: r.update(accuracy="99%"),
     "accuracy without top-1": lambda r: r.update(accuracy={"float": {"images": 5}, "quantized": {"images": 5}}),
     "format other": lambda r: r.update(format="onnx"),
@@ -163,8 +171,18 @@ def test_a_recipe_that_lies_is_damaged(saved, tmp_path, case, one_line_dsq_error
         assert "damaged" in one_line_dsq_error(read, path)
 
 
-@pytest.mark.parametrize("case", ["num_classes 300 million", "arch integer", "num_classes string",
-                                  "layers list", "layer shape 2^40", "layer bits string", "layer block 2^23"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "num_classes 300 million",
+        "arch integer",
+        "num_classes string",
+        "layers list",
+        "layer shape 2^40",
+        "layer bits string",
+        "layer block 2^23",
+    ],
+)
 def test_inspect_and_eval_say_damaged(saved, tmp_path, case):
     path = rewrite(_copy(saved, tmp_path), RECIPES[case])
     error_line(run_dsq("inspect", path), "damaged")
@@ -180,8 +198,10 @@ def test_a_null_preset_is_legal(saved, tmp_path):
 
 def test_a_block_wider_than_the_axis_is_the_whole_axis(saved, tmp_path):
     """Block 2^23 where the stored scales fit it (each block of layer1 is its whole 16-channel axis)."""
+
     def widen(recipe):
         recipe["layers"]["layer1.0.conv1"]["weight_format"]["block"] = 2**23
+
     model, _ = dsq.load(rewrite(_copy(saved, tmp_path), widen))
     reference, _ = dsq.load(saved[0] / "r20.dsq")
     x = torch.randn(2, 3, 32, 32)
@@ -206,6 +226,7 @@ def _poke(key, number):
         t = tensors[key].clone()
         t.view(-1)[0] = number
         tensors[key] = t
+
     return change
 
 
@@ -275,8 +296,7 @@ except dsq.DsqError as e:
 def test_a_full_disk_is_one_line_and_leaves_no_file(tmp_path):
     target = tmp_path / "out" / "m.dsq"
     target.parent.mkdir()
-    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(target)], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run([sys.executable, "-c", FULL_DISK, str(target)], capture_output=True, text=True, timeout=120)
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1 and "cannot write" in lines[0] and str(target) in lines[0], result.stdout
@@ -290,6 +310,7 @@ def _poked(key, number):
     def change(state):
         state[key] = state[key].clone()
         state[key].view(-1)[0] = number
+
     return change
 
 
@@ -300,8 +321,10 @@ CHECKPOINTS = {
     "int BatchNorm mean": (lambda s: s.update({"bn1.running_mean": torch.zeros(16, dtype=torch.int64)}), "int64"),
     "complex weight": (lambda s: s.update({"conv1.weight": s["conv1.weight"].to(torch.complex64)}), "complex"),
     "bool weight": (lambda s: s.update({"conv1.weight": s["conv1.weight"] > 0}), "bool"),
-    "classifier without rows": (lambda s: s.update({"linear.weight": torch.zeros(0, 64),
-                                                    "linear.bias": torch.zeros(0)}), "rows"),
+    "classifier without rows": (
+        lambda s: s.update({"linear.weight": torch.zeros(0, 64), "linear.bias": torch.zeros(0)}),
+        "rows",
+    ),
 }
 
 

@@ -4,6 +4,7 @@ the installed `dsq` reads each under a 4 GiB address-space limit and ends in one
 4 GiB is the limit the issue sets; a good file passes under it (torch is a CUDA build: `dsq
 inspect` of a good file already needs about 3.4 GiB of address space, and 3 GiB is too little).
 """
+
 from __future__ import annotations
 
 import resource
@@ -11,10 +12,11 @@ import shutil
 
 import pytest
 import torch
-from dsq_cli_testkit import CIFAR, need
-from test_hostile_files import RECIPES, rewrite, saved  # noqa: F401 (saved: the fixture)
 
 from dsq.models import build_model
+
+from dsq_cli_testkit import CIFAR, need
+from test_hostile_files import RECIPES, rewrite, saved  # noqa: F401 (saved: the fixture)
 
 ADDRESS_SPACE = 4 * 2**30
 

@@ -2,6 +2,7 @@
 allocate from the declared number before checking it against what exists. The installed `dsq`
 runs under a 4 GiB address-space limit, which a normal ResNet-20 run fits in (torch is a CUDA
 build: about 3.5 GiB of address space even when idle)."""
+
 from __future__ import annotations
 
 import resource
@@ -9,11 +10,12 @@ import resource
 import pytest
 import torch
 import torch.nn as nn
-from dsq_cli_testkit import CIFAR, RESNET20, need
 
 import dsq
 import dsq.models
 from dsq.evaluate import evaluate
+
+from dsq_cli_testkit import CIFAR, RESNET20, need
 
 ADDRESS_SPACE = 4 * 2**30
 
@@ -24,9 +26,20 @@ def _limit_address_space():
 
 def test_huge_block_fits_in_memory(installed_dsq, tmp_path):
     """A block longer than every layer is the whole layer: quantizing costs what block = layer costs."""
-    result = installed_dsq("quantize", need(RESNET20), "--block", "1000000", "-o", tmp_path / "m.dsq",
-                           "--data", need(CIFAR), "--limit", "200",
-                           preexec_fn=_limit_address_space, timeout=240)
+    result = installed_dsq(
+        "quantize",
+        need(RESNET20),
+        "--block",
+        "1000000",
+        "-o",
+        tmp_path / "m.dsq",
+        "--data",
+        need(CIFAR),
+        "--limit",
+        "200",
+        preexec_fn=_limit_address_space,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stderr and (tmp_path / "m.dsq").stat().st_size > 0
 

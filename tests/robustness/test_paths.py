@@ -4,6 +4,7 @@ umask, a killed writer's temporary files are cleaned up; and the inputs checked 
 
 Also: a dsq file saved from Python without preset or class count evaluates from the CLI.
 """
+
 from __future__ import annotations
 
 import errno
@@ -66,8 +67,11 @@ def work(tmp_path) -> Path:
 
 def _digests(folder: Path) -> dict[str, str]:
     """Every file under `folder` (hidden ones included) with the digest of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
 
 
 # ---- an output that is an input, or another output -------------------------------------------------
@@ -83,13 +87,19 @@ COLLISIONS = {  # command arguments (relative to the work folder), and the two n
     "quantize --json MODEL by absolute path": (["quantize", M, "--json", "{work}/" + M], [M]),
     "quantize -o SYMLINK-TO-MODEL": (["quantize", M, "-o", "link.th"], ["link.th", M]),
     "quantize -o HARD-LINK-OF-MODEL": (["quantize", M, "-o", "hard.th"], ["hard.th", M]),
-    "quantize --json CLASSES": (["quantize", M, "--data", "images", *CLASSES, "--json", "classes.txt"],
-                                ["classes.txt"]),
-    "quantize --json IMAGE-IN-DATA": (["quantize", M, "--data", "images", "--json", "images/cat/1.png"],
-                                      ["images/cat/1.png", "images"]),
+    "quantize --json CLASSES": (
+        ["quantize", M, "--data", "images", *CLASSES, "--json", "classes.txt"],
+        ["classes.txt"],
+    ),
+    "quantize --json IMAGE-IN-DATA": (
+        ["quantize", M, "--data", "images", "--json", "images/cat/1.png"],
+        ["images/cat/1.png", "images"],
+    ),
     "quantize -o NEW-FILE-IN-DATA": (["quantize", M, "--data", "images", "-o", "images/r.dsq"], ["images/r.dsq"]),
-    "quantize --json IN-CALIB": (["quantize", M, "--calib", "images", "--json", "images/dog/run.json"],
-                                 ["images/dog/run.json", "images"]),
+    "quantize --json IN-CALIB": (
+        ["quantize", M, "--calib", "images", "--json", "images/dog/run.json"],
+        ["images/dog/run.json", "images"],
+    ),
     "eval --json DSQ": (["eval", "r20.dsq", "--data", "images", "--json", "r20.dsq"], ["r20.dsq"]),
     "eval --json MODEL": (["eval", M, "--data", "images", "--json", M], [M]),
     "eval --json CLASSES": (["eval", M, "--data", "images", *CLASSES, "--json", "classes.txt"], ["classes.txt"]),
@@ -117,8 +127,17 @@ def test_a_run_stem_whose_files_would_destroy_an_input_is_refused(command, work)
     """sweep/sensitivity -o STEM write STEM.json, STEM.csv and STEM.png: none may be an input."""
     shutil.copyfile(work / M, work / "weights.csv")
     before = _digests(work)
-    result = run_dsq(command, work / "weights.csv", "--arch", "cifar_resnet20", "--data", work / "images",
-                     "-q", "-o", work / "weights")
+    result = run_dsq(
+        command,
+        work / "weights.csv",
+        "--arch",
+        "cifar_resnet20",
+        "--data",
+        work / "images",
+        "-q",
+        "-o",
+        work / "weights",
+    )
     error_line(result, "weights.csv", "overwrite")
     assert _digests(work) == before
 
@@ -171,12 +190,15 @@ def _fifo(folder: Path) -> Path:
     return folder / "pipe.json"
 
 
-@pytest.mark.parametrize("make, keywords", [
-    (_fifo, ["pipe.json", "not a file"]),
-    (_under_a_file, ["file", "not a folder"]),
-    (_dangling_symlink, ["gone", "does not exist"]),
-    (_read_only_file, ["ro.json", "read-only"]),
-])
+@pytest.mark.parametrize(
+    "make, keywords",
+    [
+        (_fifo, ["pipe.json", "not a file"]),
+        (_under_a_file, ["file", "not a folder"]),
+        (_dangling_symlink, ["gone", "does not exist"]),
+        (_read_only_file, ["ro.json", "read-only"]),
+    ],
+)
 def test_check_writable_refuses(make, keywords, tmp_path, one_line_dsq_error):
     from dsq.fileio import check_writable, write_json
 
@@ -297,12 +319,15 @@ def _a_file(folder: Path) -> Path:
     return folder / "images.zip"
 
 
-@pytest.mark.parametrize("make, keywords", [
-    (lambda folder: folder / "missing", ["missing", "does not exist"]),
-    (_empty_folder, ["empty", "--data"]),
-    (_only_hidden_files, ["hidden", "empty"]),
-    (_a_file, ["images.zip", "not a folder"]),
-])
+@pytest.mark.parametrize(
+    "make, keywords",
+    [
+        (lambda folder: folder / "missing", ["missing", "does not exist"]),
+        (_empty_folder, ["empty", "--data"]),
+        (_only_hidden_files, ["hidden", "empty"]),
+        (_a_file, ["images.zip", "not a folder"]),
+    ],
+)
 @pytest.mark.parametrize("model", ["float", "dsq"])
 def test_eval_checks_data_before_loading_the_model(model, make, keywords, tmp_path, monkeypatch, dsq_file):
     monkeypatch.setattr("dsq.cli.evaluate.load_model", _no_work)
@@ -322,8 +347,9 @@ def test_eval_of_a_dsq_file_saved_without_preset_or_classes(dsq_file, tmp_path):
 
     recipe = read_recipe(dsq_file)
     assert recipe.get("preset") is None and recipe.get("num_classes") is None
-    result = run_dsq("eval", dsq_file, "--data", need(CIFAR), "--limit", 100, "-j", 0, "-q",
-                     "--json", tmp_path / "eval.json")
+    result = run_dsq(
+        "eval", dsq_file, "--data", need(CIFAR), "--limit", 100, "-j", 0, "-q", "--json", tmp_path / "eval.json"
+    )
     assert result.exit_code == 0, result.output
     accuracy = json.loads((tmp_path / "eval.json").read_text())["accuracy"]
     assert accuracy["images"] == 100 and accuracy["top1"] >= 80  # ResNet-20: 91.7 % float

@@ -3,6 +3,7 @@ write, a full disk and a file-size limit, a read-only filesystem.
 
 Each start of the installed command imports torch (seconds), so these cases are few.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import INSTALLED_DSQ as DSQ
 from dsq_cli_testkit import CIFAR, RESNET20, error_line, folder_listing, need, run_dsq
 
-DSQ = Path(sys.executable).parent / "dsq"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -29,8 +30,15 @@ def _command(*args) -> list[str]:
 
 def _start(*args, cwd: Path) -> subprocess.Popen:
     """The installed dsq, started with `args` in `cwd`."""
-    return subprocess.Popen(_command(*args), cwd=cwd, env=ENV, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        _command(*args),
+        cwd=cwd,
+        env=ENV,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _run(*args, **kwargs) -> subprocess.CompletedProcess:
@@ -60,8 +68,20 @@ def _said_data(process: subprocess.Popen) -> bool:
 def test_ctrl_c_is_one_line_and_exit_130(moment, tmp_path):
     if moment == "importing torch" and not Path("/proc/self/maps").exists():
         pytest.skip("no /proc here")
-    process = _start("quantize", need(RESNET20), "--data", need(CIFAR), "-j", 0, "-q",
-                     "-o", "model.dsq", "--json", "run.json", cwd=tmp_path)
+    process = _start(
+        "quantize",
+        need(RESNET20),
+        "--data",
+        need(CIFAR),
+        "-j",
+        0,
+        "-q",
+        "-o",
+        "model.dsq",
+        "--json",
+        "run.json",
+        cwd=tmp_path,
+    )
     if moment == "importing torch":
         _wait_until(lambda: _importing_torch(process))
     elif moment == "after 1 s":
@@ -77,13 +97,24 @@ def test_ctrl_c_is_one_line_and_exit_130(moment, tmp_path):
 
 
 def test_kill_9_during_a_write_leaves_a_temporary_file_the_next_write_removes(tmp_path):
-    writer = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time\n"
-        "from dsq.fileio import atomic_path\n"
-        "with atomic_path(sys.argv[1]) as tmp:\n"
-        "    open(tmp, 'w').write('half a result')\n"
-        "    print('writing', flush=True)\n"
-        "    time.sleep(600)\n"), str(tmp_path / "out.json")], stdout=subprocess.PIPE, text=True, env=ENV)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, time\n"
+                "from dsq.fileio import atomic_path\n"
+                "with atomic_path(sys.argv[1]) as tmp:\n"
+                "    open(tmp, 'w').write('half a result')\n"
+                "    print('writing', flush=True)\n"
+                "    time.sleep(600)\n"
+            ),
+            str(tmp_path / "out.json"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     assert writer.stdout.readline() == "writing\n"
     writer.kill()
     writer.wait()
@@ -91,6 +122,7 @@ def test_kill_9_during_a_write_leaves_a_temporary_file_the_next_write_removes(tm
     assert left.startswith(".out.json.") and left.endswith(".tmp")
 
     from dsq.fileio import write_json
+
     write_json(tmp_path / "out.json", {"a": 1})
     assert folder_listing(tmp_path) == ["out.json"]
 
@@ -161,11 +193,13 @@ def test_import_dsq_and_the_console_script_load_no_torch():
     """`import dsq` and `from dsq.cli import main` (all the console script does before calling
     main) are light: torch loads inside main, where Ctrl-C is handled; the public names load on
     first use."""
-    code = ("import sys, dsq, dsq.cli\n"
-            "assert 'torch' not in sys.modules, 'torch imported'\n"
-            "from dsq.artifact import load, save\n"
-            "from dsq.convert import QuantReport\n"
-            "assert (dsq.load, dsq.save, dsq.QuantReport) == (load, save, QuantReport)\n"
-            "assert callable(dsq.quantize) and callable(dsq.calibrate) and issubclass(dsq.DsqError, ValueError)\n"
-            "assert set(dsq.__all__) <= set(dir(dsq)) and dsq.cli.cli.name == 'cli'\n")
+    code = (
+        "import sys, dsq, dsq.cli\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "from dsq.artifact import load, save\n"
+        "from dsq.convert import QuantReport\n"
+        "assert (dsq.load, dsq.save, dsq.QuantReport) == (load, save, QuantReport)\n"
+        "assert callable(dsq.quantize) and callable(dsq.calibrate) and issubclass(dsq.DsqError, ValueError)\n"
+        "assert set(dsq.__all__) <= set(dir(dsq)) and dsq.cli.cli.name == 'cli'\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV, timeout=120)

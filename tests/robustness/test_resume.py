@@ -6,6 +6,7 @@ result in it is well-formed; anything else ends in one line and leaves the file 
 Two runs never write the same STEM.json at once. A random-weight ResNet-20 and 20 tiny PNGs
 keep every run well under a second.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,6 +23,7 @@ import dsq.sweep
 from dsq.data import get_preset, open_dataset
 from dsq.models import build_model, load_model
 from dsq.sweep import Sweep
+
 from dsq_cli_testkit import error_line, folder_listing, run_dsq
 
 MODEL = "resnet20-tiny.pth"
@@ -63,13 +65,39 @@ def finished(tmp_path_factory):
 
 
 def sweep(work, *extra, output=None):
-    return run_dsq("sweep", work / MODEL, "--data", work / "data", "--bits", "4", "--block", "16", "-j", "0", "-q",
-                   "-o", output or work / "sw", *extra)
+    return run_dsq(
+        "sweep",
+        work / MODEL,
+        "--data",
+        work / "data",
+        "--bits",
+        "4",
+        "--block",
+        "16",
+        "-j",
+        "0",
+        "-q",
+        "-o",
+        output or work / "sw",
+        *extra,
+    )
 
 
 def sensitivity(work, *extra):
-    return run_dsq("sensitivity", work / MODEL, "--data", work / "data", "--include", "layer1.0.conv*", "-j", "0",
-                   "-q", "-o", work / "sw", *extra)
+    return run_dsq(
+        "sensitivity",
+        work / MODEL,
+        "--data",
+        work / "data",
+        "--include",
+        "layer1.0.conv*",
+        "-j",
+        "0",
+        "-q",
+        "-o",
+        work / "sw",
+        *extra,
+    )
 
 
 def replace_keeping_mtime(path, source) -> None:
@@ -84,6 +112,7 @@ def refused(result, *keywords) -> str:
 
 
 # ---- other inputs at the same paths ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("command", [sweep, sensitivity])
 def test_a_replaced_checkpoint_is_refused_until_no_resume(work, command):
@@ -127,11 +156,13 @@ def test_a_run_object_reused_on_another_model_starts_over(tmp_path):
 
 # ---- files of other runs, and damaged files ----------------------------------------------------
 
+
 def edit_json(change):
     def edit(path):
         data = json.loads(path.read_text())
         change(data)
         path.write_text(json.dumps(data))
+
     return edit
 
 
@@ -186,11 +217,15 @@ def test_a_pipe_in_place_of_the_results_file_is_refused_unread(finished, tmp_pat
     assert (tmp_path / "sw.json").is_fifo()
 
 
-@pytest.mark.parametrize("edit, named", [
-    (edit_json(lambda d: d["settings"].pop("inputs")), "older dsq"),
-    (edit_json(lambda d: d["settings"].__setitem__("limit.x", d["settings"].pop("limit"))), "limit"),
-    (edit_json(lambda d: d["settings"]["quantization"].__setitem__("act_bits", 8.0)), "act_bits: 8.0 there, 8 now"),
-], ids=["written by an older dsq", "settings nested otherwise", "a setting of another type"])
+@pytest.mark.parametrize(
+    "edit, named",
+    [
+        (edit_json(lambda d: d["settings"].pop("inputs")), "older dsq"),
+        (edit_json(lambda d: d["settings"].__setitem__("limit.x", d["settings"].pop("limit"))), "limit"),
+        (edit_json(lambda d: d["settings"]["quantization"].__setitem__("act_bits", 8.0)), "act_bits: 8.0 there, 8 now"),
+    ],
+    ids=["written by an older dsq", "settings nested otherwise", "a setting of another type"],
+)
 def test_hand_edited_settings_are_refused(finished, tmp_path, edit, named):
     work, saved = finished
     (tmp_path / "sw.json").write_bytes(saved)
@@ -203,8 +238,16 @@ def test_a_sensitivity_file_is_not_resumed_by_a_sweep(work):
     refused(sweep(work), "not the results of a dsq sweep")
 
 
-@pytest.mark.parametrize("change", [("--limit", "10"), ("--preset", "imagenet"), ("--rounds", "0"),
-                                    ("--calib", "calib"), ("--classes", "classes.txt")])
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("--limit", "10"),
+        ("--preset", "imagenet"),
+        ("--rounds", "0"),
+        ("--calib", "calib"),
+        ("--classes", "classes.txt"),
+    ],
+)
 def test_other_settings_are_refused(work, change):
     (work / "classes.txt").write_text("".join(f"class{9 - i}\n" for i in range(10)))
     assert sweep(work).exit_code == 0
@@ -224,6 +267,7 @@ def test_an_image_added_or_removed_is_refused(work, change):
 
 
 # ---- two runs on one output ----------------------------------------------------------------------
+
 
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_goes(work, monkeypatch):
     """The first run (a library call in a thread) waits inside its first quantization; a second
@@ -250,7 +294,6 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_goes(work, m
         thread.join(60)
     assert set(json.loads((work / "sw.json").read_text())["results"]) == {"float", "4b/16"}
     assert ".sw.json.lock" not in folder_listing(work)
-
 
 
 def test_a_lock_file_that_links_elsewhere_is_never_written_through(work):
