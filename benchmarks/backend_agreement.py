@@ -7,6 +7,7 @@ predictions differ, top-1, and seconds. Writes backend_agreement.json.
 
     python backend_agreement.py            # from benchmarks/, with the shared data beside the project
 """
+
 from __future__ import annotations
 
 import json
@@ -18,10 +19,11 @@ import torch
 from torch.utils.data import DataLoader
 
 import dsq
-from common import print_table
 from dsq.data import get_preset, open_dataset
 from dsq.models import load_model
 from dsq.nn import set_backend
+
+from common import print_table
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -63,8 +65,10 @@ def cifar_rows(batch_size: int = 250) -> list[dict]:
     loaded = load_model(str(DATA / "cifar10-resnet" / "resnet20-12fca82f.th"))
     images = open_dataset(DATA / "cifar10-test", get_preset(loaded.preset).transform())
     qmodel, _ = dsq.quantize(loaded.model)
-    stats = {b: {"correct": 0, "seconds": 0.0, "pred_differ": 0, "over_1e-5": 0, "bit_identical": 0}
-             for b in ("int", *OTHERS)}
+    stats = {
+        b: {"correct": 0, "seconds": 0.0, "pred_differ": 0, "over_1e-5": 0, "bit_identical": 0}
+        for b in ("int", *OTHERS)
+    }
     for x, y in DataLoader(images, batch_size=batch_size):
         out = {}
         for b, s in stats.items():
@@ -86,8 +90,9 @@ def main() -> None:
         keys = list(table[0])
         print_table(keys, [[f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in table])
         print()
-    Path("backend_agreement.json").write_text(json.dumps(
-        {"threads": torch.get_num_threads(), "zoo": zoo_table, "cifar10_resnet20": cifar_table}, indent=2))
+    Path("backend_agreement.json").write_text(
+        json.dumps({"threads": torch.get_num_threads(), "zoo": zoo_table, "cifar10_resnet20": cifar_table}, indent=2)
+    )
 
 
 if __name__ == "__main__":

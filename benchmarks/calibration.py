@@ -9,10 +9,10 @@ a model calibrated on it. Prints one table per model and writes calibration.json
     python calibration.py --model lite0 --bits 4 --depthwise-bits 4 --layer-bits '_conv_stem=8' \
         --layer-bits '_blocks.[0-3].*=8' --variants data-free,refit
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import time
@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 import dsq
-from common import print_table
 from dsq.calibration import calibrate, calibration_set, load_images
 from dsq.data import get_preset, open_dataset
 from dsq.evaluate import evaluate
 from dsq.models import load_model
+
+from common import print_table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 # variant -> dsq.calibrate options (None: data-free)
@@ -56,15 +57,18 @@ def quantize_variants(model, images, bits, quant_options, variants, adapt_steps)
 def resnet20(args) -> list[dict]:
     loaded = load_model(DATA / "cifar10-resnet" / "resnet20-12fca82f.th")
     transform = get_preset(loaded.preset).transform()
-    images, dataset = calibration_set(DATA / "cifar10-test", 10 * args.per_class, transform,
-                                      open_dataset(DATA / "cifar10-test", transform))
+    images, dataset = calibration_set(
+        DATA / "cifar10-test", 10 * args.per_class, transform, open_dataset(DATA / "cifar10-test", transform)
+    )
     rows = []
     for bits in args.bits:
-        models, facts = quantize_variants(loaded.model, images, bits, quant_options(args), args.variants,
-                                          args.adapt_steps)
+        models, facts = quantize_variants(
+            loaded.model, images, bits, quant_options(args), args.variants, args.adapt_steps
+        )
         acc = evaluate({"float": loaded.model, **models}, dataset, batch_size=250, workers=2, progress=True)
-        rows += [row("resnet20", name, acc["float"].top1, acc[name].top1, acc[name].images, *facts[name])
-                 for name in models]
+        rows += [
+            row("resnet20", name, acc["float"].top1, acc[name].top1, acc[name].images, *facts[name]) for name in models
+        ]
     return rows
 
 
@@ -77,8 +81,9 @@ def lite0(args) -> list[dict]:
     folds = [torch.arange(0, len(labels), 2), torch.arange(1, len(labels), 2)]
     correct, facts, float_correct = {}, {}, 0
     for k, (calib, judged) in enumerate([(folds[0], folds[1]), (folds[1], folds[0])]):
-        models, facts_k = quantize_variants(loaded.model, images[calib], args.bits[0], quant_options(args),
-                                            args.variants, args.adapt_steps)
+        models, facts_k = quantize_variants(
+            loaded.model, images[calib], args.bits[0], quant_options(args), args.variants, args.adapt_steps
+        )
         with torch.no_grad():
             float_correct += int((loaded.model(images[judged]).argmax(1) == labels[judged]).sum())
             for name, m in models.items():
@@ -87,19 +92,32 @@ def lite0(args) -> list[dict]:
             old = facts.get(name, (bpw, {}))[1]
             facts[name] = (bpw, {s: old.get(s, 0) + t for s, t in stages.items()})
     n = len(labels)
-    return [row("efficientnet_lite0", name, 100 * float_correct / n, 100 * c / n, n, *facts[name])
-            for name, c in correct.items()]
+    return [
+        row("efficientnet_lite0", name, 100 * float_correct / n, 100 * c / n, n, *facts[name])
+        for name, c in correct.items()
+    ]
 
 
 def row(model, name, float_top1, top1, images, bits_per_weight, stages) -> dict:
-    return {"model": model, "variant": name, "bits_per_weight": round(bits_per_weight, 3),
-            "float_top1": round(float_top1, 2), "top1": round(top1, 2), "drop": round(float_top1 - top1, 2),
-            "images": images, **{f"{s}_s": round(t, 1) for s, t in stages.items()}}
+    return {
+        "model": model,
+        "variant": name,
+        "bits_per_weight": round(bits_per_weight, 3),
+        "float_top1": round(float_top1, 2),
+        "top1": round(top1, 2),
+        "drop": round(float_top1 - top1, 2),
+        "images": images,
+        **{f"{s}_s": round(t, 1) for s, t in stages.items()},
+    }
 
 
 def quant_options(args) -> dict:
-    return dict(block=args.block, depthwise_bits=args.depthwise_bits, scale_dtype=args.scale_dtype,
-                layer_bits=dict(args.layer_bits))
+    return dict(
+        block=args.block,
+        depthwise_bits=args.depthwise_bits,
+        scale_dtype=args.scale_dtype,
+        layer_bits=dict(args.layer_bits),
+    )
 
 
 def glob_bits(text: str) -> tuple[str, int]:
@@ -114,8 +132,14 @@ def main() -> None:
     p.add_argument("--block", type=int, default=32)
     p.add_argument("--depthwise-bits", type=int, default=8)
     p.add_argument("--scale-dtype", default="float16")
-    p.add_argument("--layer-bits", action="append", default=[], type=glob_bits, metavar="GLOB=BITS",
-                   help="bits for the layers whose names match GLOB (repeatable; the first match wins)")
+    p.add_argument(
+        "--layer-bits",
+        action="append",
+        default=[],
+        type=glob_bits,
+        metavar="GLOB=BITS",
+        help="bits for the layers whose names match GLOB (repeatable; the first match wins)",
+    )
     p.add_argument("--per-class", type=int, default=100, help="CIFAR-10 calibration images per class")
     p.add_argument("--adapt-steps", type=int, default=dsq.calibration.DEFAULT_STEPS)
     p.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))

@@ -10,6 +10,7 @@ docs/calibration.md (blocks 0-3 and the stem at 8 bits: their layers lead it in 
 
     python lite0_sensitivity.py [--top 20]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,12 @@ from pathlib import Path
 import torch
 
 import dsq
-from common import print_table
 from dsq.calibration import load_images
 from dsq.data import get_preset, open_dataset
 from dsq.models import load_model
 from dsq.sensitivity import exact_glob
+
+from common import print_table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 BASE = dict(bits=8, block=32, depthwise_bits=8)
@@ -53,13 +55,21 @@ def main() -> None:
         calib = images[fold::2]
         with torch.no_grad():
             reference = torch.log_softmax(model(calib), 1)
-        rows = [{"layer": name, "kind": kind, "params": params,
-                 "kl": kl_damage(model, reference, calib, **BASE, layer_bits={exact_glob(name): 4})}
-                for name, kind, params in layers]
+        rows = [
+            {
+                "layer": name,
+                "kind": kind,
+                "params": params,
+                "kl": kl_damage(model, reference, calib, **BASE, layer_bits={exact_glob(name): 4}),
+            }
+            for name, kind, params in layers
+        ]
         folds[fold] = sorted(rows, key=lambda r: -r["kl"])
         print(f"fold {fold} (calibration images {fold}, {fold + 2}, ...)")
-        print_table(["layer", "kind", "params", "KL"],
-                    [[r["layer"], r["kind"], str(r["params"]), f"{r['kl']:.4f}"] for r in folds[fold][:args.top]])
+        print_table(
+            ["layer", "kind", "params", "KL"],
+            [[r["layer"], r["kind"], str(r["params"]), f"{r['kl']:.4f}"] for r in folds[fold][: args.top]],
+        )
     Path("lite0_sensitivity.json").write_text(json.dumps({"settings": BASE, "folds": folds}, indent=2))
 
 

@@ -1,4 +1,5 @@
 """Images per second of float ResNet-50 vs the simulated DSConv ResNet-50, side by side."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,6 +8,7 @@ import torch
 import torchvision
 
 import dsq
+
 from common import interleaved_times, print_table
 
 
@@ -25,13 +27,16 @@ def main():
         with torch.inference_mode():
             m(x)
 
-    times = interleaved_times({"float32": lambda: run(model), "dsconv (simulated)": lambda: run(qmodel)},
-                              args.repeats)
+    times = interleaved_times({"float32": lambda: run(model), "dsconv (simulated)": lambda: run(qmodel)}, args.repeats)
     rate = {k: args.batch / t for k, t in times.items()}
-    print(f"ResNet-50, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved runs")
-    print_table(["model", "images/s", "ratio to float"],
-                [[k, f"{r:.2f}", f"{r / rate['float32']:.2f}"] for k, r in rate.items()])
+    print(
+        f"ResNet-50, batch {args.batch}, {args.size}x{args.size}, {torch.get_num_threads()} threads, "
+        f"median of {args.repeats} interleaved runs"
+    )
+    print_table(
+        ["model", "images/s", "ratio to float"],
+        [[k, f"{r:.2f}", f"{r / rate['float32']:.2f}"] for k, r in rate.items()],
+    )
 
 
 if __name__ == "__main__":

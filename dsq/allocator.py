@@ -6,6 +6,7 @@ as their peak use. It also caps malloc's arenas at two: each reserves 64 MiB of 
 per thread that ever allocated, which took a ResNet-20 quantize-and-evaluate run from 3.76 to
 4.24 GB of address space (torch alone maps 3.26 GB), past the 4 GB that docs/robustness.md
 promises; the run's time did not change measurably."""
+
 from __future__ import annotations
 
 import ctypes
@@ -25,5 +26,8 @@ def reuse_freed_memory() -> bool:
     if platform.libc_ver()[0] != "glibc":
         return False
     mallopt = ctypes.CDLL(None).mallopt
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
-                and mallopt(M_ARENA_MAX, ARENAS))
+    return bool(
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+        and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+        and mallopt(M_ARENA_MAX, ARENAS)
+    )

@@ -4,6 +4,7 @@ torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is t
 single-process case (rank 0 of 1) and no process group is made. The group is made on
 first use: gloo for CPU tensors, NCCL as well when evaluating on a GPU.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -50,7 +51,7 @@ def setup(device: torch.device) -> None:
 
 def shard(items: Sequence[T]) -> list[T]:
     """This process's share of `items`: every world_size-th one, from its rank on."""
-    return list(items[rank()::world_size()])
+    return list(items[rank() :: world_size()])
 
 
 def sum_over_processes(values: torch.Tensor) -> torch.Tensor:

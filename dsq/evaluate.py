@@ -63,7 +63,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` says that torch (CPU or CUDA) or the system ran out of memory."""
     return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or any(
-        phrase in str(error) for phrase in ("can't allocate memory", "Cannot allocate memory", "out of memory"))
+        phrase in str(error) for phrase in ("can't allocate memory", "Cannot allocate memory", "out of memory")
+    )
 
 
 def _batches(loader: DataLoader):
@@ -78,8 +79,10 @@ def _batches(loader: DataLoader):
         traceback.clear_frames(error.__traceback__)
     except RuntimeError as error:
         if "equal size" in str(error):
-            message = ("images of different sizes cannot be batched: set --resize/--crop or a --preset "
-                       "so that every image comes out the same size")
+            message = (
+                "images of different sizes cannot be batched: set --resize/--crop or a --preset "
+                "so that every image comes out the same size"
+            )
         elif is_out_of_memory(error):
             message = "out of memory loading a batch of images: lower the batch size (--batch-size)"
         else:
@@ -94,12 +97,15 @@ def _batches(loader: DataLoader):
 def _check_logits(name: str, logits, labels: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != len(labels):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise DsqError(f"model {name!r} returned {got} for a batch of {len(labels)}: "
-                       "expected logits of shape (batch, classes)")
+        raise DsqError(
+            f"model {name!r} returned {got} for a batch of {len(labels)}: expected logits of shape (batch, classes)"
+        )
     top = int(labels.max())
     if top >= logits.shape[1]:
-        raise DsqError(f"the images have label {top} but model {name!r} predicts {logits.shape[1]} classes: "
-                       "use images labelled for this model, or --classes FILE in the model's output order")
+        raise DsqError(
+            f"the images have label {top} but model {name!r} predicts {logits.shape[1]} classes: "
+            "use images labelled for this model, or --classes FILE in the model's output order"
+        )
 
 
 @contextlib.contextmanager
@@ -116,9 +122,17 @@ def _side_by_side(n_models: int, device: torch.device):
         yield pool.map
 
 
-def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, workers: int = 0,
-             limit: int | None = None, device: str | torch.device = "cpu",
-             progress: bool = True, desc: str = "evaluate") -> dict[str, Accuracy]:
+def evaluate(
+    models: dict[str, nn.Module],
+    dataset,
+    *,
+    batch_size: int = 64,
+    workers: int = 0,
+    limit: int | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> dict[str, Accuracy]:
     """Top-1/top-5 accuracy of every model in `models` on `dataset` ((image tensor, label) items).
 
     Each batch is decoded once and run through every model, so all models see the same images
@@ -139,7 +153,7 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
     indices = spread_indices(size, limit)
     resolved = resolve_device(device)
     distributed.setup(resolved)
-    batches = distributed.shard([indices[i:i + batch_size] for i in range(0, len(indices), batch_size)])
+    batches = distributed.shard([indices[i : i + batch_size] for i in range(0, len(indices), batch_size)])
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=resolved.type == "cuda")
     top1 = dict.fromkeys(models, 0)
     top5 = dict.fromkeys(models, 0)
@@ -149,9 +163,13 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
     try:
         for model in models.values():
             model.to(resolved).eval()
-        with torch.inference_mode(), _side_by_side(len(models), resolved) as run_all, \
-                tqdm(total=sum(map(len, batches)), unit="img", desc=desc,
-                     disable=not (progress and distributed.is_main())) as bar:
+        with (
+            torch.inference_mode(),
+            _side_by_side(len(models), resolved) as run_all,
+            tqdm(
+                total=sum(map(len, batches)), unit="img", desc=desc, disable=not (progress and distributed.is_main())
+            ) as bar,
+        ):
             for images, labels in _batches(loader):
                 images = images.to(resolved, non_blocking=True)
                 labels = labels.to(resolved)
@@ -164,8 +182,10 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
                         except (RuntimeError, MemoryError) as error:
                             if not is_out_of_memory(error):
                                 raise
-                            raise DsqError(f"out of memory running model {name!r} on a batch of {len(images)} "
-                                           "images: lower the batch size (--batch-size)") from None
+                            raise DsqError(
+                                f"out of memory running model {name!r} on a batch of {len(images)} "
+                                "images: lower the batch size (--batch-size)"
+                            ) from None
                         if resolved.type == "cuda":
                             torch.cuda.synchronize(resolved)
                         return logits, time.perf_counter() - start
@@ -185,18 +205,26 @@ def evaluate(models: dict[str, nn.Module], dataset, *, batch_size: int = 64, wor
             model.train(training[name])
     counts = torch.tensor([[top1[n], top5[n], seen, seconds[n]] for n in models], dtype=torch.float64)
     totals = distributed.sum_over_processes(counts.to(resolved)).cpu().tolist()
-    return {name: Accuracy(100 * hits1 / total, 100 * hits5 / total, int(total), secs)
-            for name, (hits1, hits5, total, secs) in zip(models, totals)}
+    return {
+        name: Accuracy(100 * hits1 / total, 100 * hits5 / total, int(total), secs)
+        for name, (hits1, hits5, total, secs) in zip(models, totals)
+    }
 
 
-def evaluate_in_passes(builders: Mapping[str, Callable[[], nn.Module]], dataset, *, per_pass: int,
-                       on_pass: Callable[[dict[str, Accuracy]], None] = lambda results: None,
-                       progress: bool = True, **options) -> dict[str, Accuracy]:
+def evaluate_in_passes(
+    builders: Mapping[str, Callable[[], nn.Module]],
+    dataset,
+    *,
+    per_pass: int,
+    on_pass: Callable[[dict[str, Accuracy]], None] = lambda results: None,
+    progress: bool = True,
+    **options,
+) -> dict[str, Accuracy]:
     """Evaluate many models, building `per_pass` of them at a time and running each group on
     one pass over the images (decoded once for the group); `on_pass` gets each pass's results
     as soon as it ends. `options` go to `evaluate`."""
     names = list(builders)
-    groups = [names[i:i + per_pass] for i in range(0, len(names), per_pass)]
+    groups = [names[i : i + per_pass] for i in range(0, len(names), per_pass)]
     results = {}
     for number, group in enumerate(groups, 1):
         models = {name: builders[name]() for name in group}

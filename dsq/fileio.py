@@ -6,6 +6,7 @@ mode 0666 less the umask, like any other tool's files. A writer killed mid-write
 its temporary file; the next write to the same target removes it, once its writer is gone.
 Under torchrun only the main process writes; the other processes' files are discarded.
 """
+
 from __future__ import annotations
 
 import contextlib

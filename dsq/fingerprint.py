@@ -3,6 +3,7 @@
 A resumable run stores them with its results, so a rerun can tell that a checkpoint was
 replaced at the same path or that an image was added, removed or replaced under --data.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -9,8 +9,20 @@ from .presets import PRESETS, Preset, get_preset
 from .samples import DEMO_SETS, demo_dataset, demo_folder, open_dataset
 
 __all__ = [
-    "CIFAR10_CLASSES", "DEMO_SETS", "IMAGE_EXTENSIONS", "PRESETS",
-    "ClassFolderDataset", "LabelledImages", "Preset", "WnidFileDataset",
-    "check_labels", "demo_dataset", "demo_folder", "get_preset", "is_wnid", "load_image",
-    "open_dataset", "read_classes",
+    "CIFAR10_CLASSES",
+    "DEMO_SETS",
+    "IMAGE_EXTENSIONS",
+    "PRESETS",
+    "ClassFolderDataset",
+    "LabelledImages",
+    "Preset",
+    "WnidFileDataset",
+    "check_labels",
+    "demo_dataset",
+    "demo_folder",
+    "get_preset",
+    "is_wnid",
+    "load_image",
+    "open_dataset",
+    "read_classes",
 ]

@@ -23,4 +23,5 @@ def check_labels(dataset, num_classes: int) -> None:
         name = getattr(dataset, "source", type(dataset).__name__)
         raise DsqError(
             f"{name} has {what} but the model predicts {num_classes}: use images labelled for this model, "
-            f"or --classes FILE listing the model's {num_classes} classes in output order")
+            f"or --classes FILE listing the model's {num_classes} classes in output order"
+        )

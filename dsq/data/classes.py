@@ -14,8 +14,7 @@ _WNID_LINE = re.compile(r"(n\d{8})\s")
 
 ClassList = Sequence[str] | str | os.PathLike
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def is_wnid(name: str) -> bool:

@@ -24,23 +24,28 @@ class WnidFileDataset(LabelledImages):
     required: the label of a file is the index of its wnid there.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
-                 classes: ClassList | None = None):
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, classes: ClassList | None = None):
         root = existing_folder(root)
         if classes is None:
-            raise DsqError(f"{root} holds images named by ImageNet wnid: pass --classes FILE listing the model's "
-                           "classes in output order (for ImageNet-1k the 1000 sorted wnids, one per line)")
+            raise DsqError(
+                f"{root} holds images named by ImageNet wnid: pass --classes FILE listing the model's "
+                "classes in output order (for ImageNet-1k the 1000 sorted wnids, one per line)"
+            )
         names = read_classes(classes)
         label = {name: i for i, name in enumerate(names)}
         samples = []
         for name in sorted(n for n in os.listdir(root) if is_image_name(n)):
             wnid = wnid_of(name)
             if wnid is None:
-                raise DsqError(f"image {root / name} does not start with a wnid like n01440764_: "
-                               "name every image <wnid>_..., or use one sub-folder per class")
+                raise DsqError(
+                    f"image {root / name} does not start with a wnid like n01440764_: "
+                    "name every image <wnid>_..., or use one sub-folder per class"
+                )
             if wnid not in label:
-                raise DsqError(f"image {root / name} has wnid {wnid}, which is not in the class list: "
-                               "pass the class list that names it")
+                raise DsqError(
+                    f"image {root / name} has wnid {wnid}, which is not in the class list: "
+                    "pass the class list that names it"
+                )
             samples.append((str(root / name), label[wnid]))
         if not samples:
             raise DsqError(f"found 0 images in {root}: expected images named <wnid>_....JPEG")

@@ -19,8 +19,9 @@ def existing_folder(root: str | os.PathLike) -> Path:
     if not path.exists():
         raise DsqError(f"dataset folder {path} does not exist: check the path")
     if not path.is_dir():
-        raise DsqError(f"dataset path {path} is a file, not a folder: "
-                       "pass the folder that holds one sub-folder per class")
+        raise DsqError(
+            f"dataset path {path} is a file, not a folder: pass the folder that holds one sub-folder per class"
+        )
     return path
 
 
@@ -89,8 +90,10 @@ def sorted_folder_labels(names: Sequence[str]) -> str:
         return "class folders"
     shown = ", ".join(f"{name}={i}" for i, name in enumerate(names[:3]))
     more = f" ... {names[-1]}={len(names) - 1}" if len(names) > 3 else ""
-    return (f"class folders, labels by sorted folder order: {shown}{more} "
-            "(folder names are not CIFAR-10 class names or ImageNet wnids)")
+    return (
+        f"class folders, labels by sorted folder order: {shown}{more} "
+        "(folder names are not CIFAR-10 class names or ImageNet wnids)"
+    )
 
 
 class ClassFolderDataset(LabelledImages):
@@ -102,8 +105,7 @@ class ClassFolderDataset(LabelledImages):
     refused unless all 1000 are present, since a subset would be silently mis-labelled.
     """
 
-    def __init__(self, root: str | os.PathLike, transform: Callable | None = None,
-                 classes: ClassList | None = None):
+    def __init__(self, root: str | os.PathLike, transform: Callable | None = None, classes: ClassList | None = None):
         root = existing_folder(root)
         folders = subfolders(root)
         if classes is None:
@@ -111,7 +113,8 @@ class ClassFolderDataset(LabelledImages):
                 raise DsqError(
                     f"{root} holds {len(folders)} ImageNet wnid folders, not all {IMAGENET_CLASSES}, so sorted-folder "
                     "labels would be wrong: pass --classes FILE listing the model's classes in output order "
-                    "(for ImageNet-1k the 1000 sorted wnids, one per line)")
+                    "(for ImageNet-1k the 1000 sorted wnids, one per line)"
+                )
             names, layout = folders, sorted_folder_labels(folders)
         else:
             names = read_classes(classes)
@@ -120,7 +123,8 @@ class ClassFolderDataset(LabelledImages):
             if unknown:
                 raise DsqError(
                     f"folder {unknown[0]!r} in {root} is not in the class list ({len(unknown)} such folders): "
-                    "remove it or pass the class list that names it")
+                    "remove it or pass the class list that names it"
+                )
             layout = "class folders labelled by class list"
         label = {name: i for i, name in enumerate(names)}
         samples = [(path, label[f]) for f, paths in zip(folders, images_in_folders(root, folders)) for path in paths]

@@ -42,8 +42,8 @@ def folders_above(root: Path) -> list[Path]:
     """`root` and the SEARCH_UP folders above it: as named, then (when `root` is reached through a
     link) those above the real folder."""
     named, real = root.absolute(), root.resolve()
-    folders = [named, *named.parents][:SEARCH_UP + 1]
-    return folders + [f for f in [real, *real.parents][:SEARCH_UP + 1] if f not in folders]
+    folders = [named, *named.parents][: SEARCH_UP + 1]
+    return folders + [f for f in [real, *real.parents][: SEARCH_UP + 1] if f not in folders]
 
 
 def find_above(root: Path, *names: str | Path) -> Path | None:
@@ -57,8 +57,10 @@ def find_above(root: Path, *names: str | Path) -> Path | None:
 
 def labelled_val_folder(folder: Path) -> bool:
     """True when `folder` holds ImageNet val images directly and the files that label them are beside or above."""
-    return bool(val_images(folder)) and find_above(
-        folder, KAGGLE_CSV, GROUND_TRUTH, Path(DEVKIT, "data", GROUND_TRUTH), DEVKIT_TAR) is not None
+    return (
+        bool(val_images(folder))
+        and find_above(folder, KAGGLE_CSV, GROUND_TRUTH, Path(DEVKIT, "data", GROUND_TRUTH), DEVKIT_TAR) is not None
+    )
 
 
 def kaggle_val_below(folder: Path) -> Path | None:
@@ -137,8 +139,10 @@ class Devkit:
         if truth is not None:
             meta = truth.with_name(META_MAT)
             if not meta.is_file():
-                raise DsqError(f"found {truth} but no {META_MAT} beside it: put the devkit's data/{META_MAT} there "
-                               "(its class IDs are not the order models predict, so dsq needs it)")
+                raise DsqError(
+                    f"found {truth} but no {META_MAT} beside it: put the devkit's data/{META_MAT} there "
+                    "(its class IDs are not the order models predict, so dsq needs it)"
+                )
             return cls(truth.read_bytes(), meta.read_bytes(), str(truth), str(meta))
         tar = find_above(root, DEVKIT_TAR)
         return cls.from_tar(tar) if tar is not None else None
@@ -156,12 +160,16 @@ class Devkit:
     def wnid(self, number: int) -> str:
         """The wnid of image ILSVRC2012_val_{number:08d}."""
         if not 1 <= number <= len(self.ids):
-            raise DsqError(f"the ground truth in {self.where} has {len(self.ids)} lines, none for val image {number}: "
-                           "use the ground truth of these images")
+            raise DsqError(
+                f"the ground truth in {self.where} has {len(self.ids)} lines, none for val image {number}: "
+                "use the ground truth of these images"
+            )
         wnid = self.id_to_wnid.get(self.ids[number - 1])
         if wnid is None:
-            raise DsqError(f"val image {number} has class ID {self.ids[number - 1]}, which names no leaf class in "
-                           f"{self.where}: use the devkit's own meta.mat")
+            raise DsqError(
+                f"val image {number} has class ID {self.ids[number - 1]}, which names no leaf class in "
+                f"{self.where}: use the devkit's own meta.mat"
+            )
         return wnid
 
 
@@ -174,8 +182,15 @@ def val_images(root: Path) -> dict[int, str]:
     return found
 
 
-def _labelled(root: Path, items: list[tuple[str, str]], known: list[str], classes: ClassList | None,
-              transform: Callable | None, layout: str, known_from: str) -> LabelledImages:
+def _labelled(
+    root: Path,
+    items: list[tuple[str, str]],
+    known: list[str],
+    classes: ClassList | None,
+    transform: Callable | None,
+    layout: str,
+    known_from: str,
+) -> LabelledImages:
     """(path, wnid) items labelled by the wnid's index in `classes`, else in the sorted `known` wnids."""
     if classes is not None:
         given = classes if isinstance(classes, (str, os.PathLike)) else "the given list"
@@ -185,8 +200,9 @@ def _labelled(root: Path, items: list[tuple[str, str]], known: list[str], classe
     label = {name: i for i, name in enumerate(names)}
     for path, wnid in items:
         if wnid not in label:
-            raise DsqError(f"image {path} shows class {wnid}, which is not in the class list: "
-                           "pass the class list that names it")
+            raise DsqError(
+                f"image {path} shows class {wnid}, which is not in the class list: pass the class list that names it"
+            )
     samples = [(path, label[wnid]) for path, wnid in items]
     return LabelledImages(samples, names, transform, source=str(root), layout=f"{layout} ({order})")
 
@@ -194,8 +210,10 @@ def _labelled(root: Path, items: list[tuple[str, str]], known: list[str], classe
 def _check_all_val(root: Path, what: str) -> None:
     others = [n for n in os.listdir(root) if is_image_name(n) and not VAL_IMAGE.fullmatch(n)]
     if others:
-        raise DsqError(f"{root} holds ImageNet val images labelled by {what}, but also {others[0]} "
-                       f"({len(others)} such images), which it does not label: move them elsewhere")
+        raise DsqError(
+            f"{root} holds ImageNet val images labelled by {what}, but also {others[0]} "
+            f"({len(others)} such images), which it does not label: move them elsewhere"
+        )
 
 
 def _kaggle(root: Path, numbered: dict[int, str], csv_path: Path, classes, transform) -> LabelledImages:
@@ -209,19 +227,29 @@ def _kaggle(root: Path, numbered: dict[int, str], csv_path: Path, classes, trans
         items.append((path, wnids[image_id]))
     synsets = csv_path.with_name(KAGGLE_SYNSETS)
     if classes is None and not synsets.is_file():
-        raise DsqError(f"{csv_path} names only the classes of its images, not all of them: pass --classes FILE with "
-                       "the model's classes in output order (for ImageNet-1k the 1000 sorted wnids), or put Kaggle's "
-                       f"{KAGGLE_SYNSETS} beside it")
+        raise DsqError(
+            f"{csv_path} names only the classes of its images, not all of them: pass --classes FILE with "
+            "the model's classes in output order (for ImageNet-1k the 1000 sorted wnids), or put Kaggle's "
+            f"{KAGGLE_SYNSETS} beside it"
+        )
     known = read_classes(synsets) if classes is None else []
-    return _labelled(root, items, known, classes, transform,
-                     f"ImageNet val, Kaggle layout, labels from {csv_path}", str(synsets))
+    return _labelled(
+        root, items, known, classes, transform, f"ImageNet val, Kaggle layout, labels from {csv_path}", str(synsets)
+    )
 
 
 def _devkit(root: Path, numbered: dict[int, str], devkit: Devkit, classes, transform) -> LabelledImages:
     _check_all_val(root, GROUND_TRUTH)
     items = [(path, devkit.wnid(number)) for number, path in numbered.items()]
-    return _labelled(root, items, list(devkit.id_to_wnid.values()), classes, transform,
-                     f"ImageNet val, devkit layout, labels from {devkit.where}", devkit.meta_name)
+    return _labelled(
+        root,
+        items,
+        list(devkit.id_to_wnid.values()),
+        classes,
+        transform,
+        f"ImageNet val, devkit layout, labels from {devkit.where}",
+        devkit.meta_name,
+    )
 
 
 def _torchvision_root(root: Path, classes, transform) -> LabelledImages | None:
@@ -231,8 +259,9 @@ def _torchvision_root(root: Path, classes, transform) -> LabelledImages | None:
     val = root / "val"
     wnids = subfolders(val)
     if not wnids and val_images(val):
-        raise DsqError(f"{val} holds the ImageNet val images directly, not in <wnid> folders: "
-                       f"did you mean --data {val}?")
+        raise DsqError(
+            f"{val} holds the ImageNet val images directly, not in <wnid> folders: did you mean --data {val}?"
+        )
     if meta.is_file():
         known, known_from = read_meta_bin(meta), str(meta)
     else:
@@ -240,13 +269,16 @@ def _torchvision_root(root: Path, classes, transform) -> LabelledImages | None:
         known, known_from = list(devkit.id_to_wnid.values()), devkit.meta_name
     items = [(path, wnid) for wnid, paths in zip(wnids, images_in_folders(val, wnids)) for path in paths]
     if not items:
-        raise DsqError(f"found 0 images in {val}: torchvision's ImageNet root holds val/<wnid>/*.JPEG "
-                       "(extract ILSVRC2012_img_val.tar there as torchvision.datasets.ImageNet does)")
+        raise DsqError(
+            f"found 0 images in {val}: torchvision's ImageNet root holds val/<wnid>/*.JPEG "
+            "(extract ILSVRC2012_img_val.tar there as torchvision.datasets.ImageNet does)"
+        )
     return _labelled(root, items, known, classes, transform, "torchvision ImageNet root", known_from)
 
 
-def open_imagenet(root: Path, transform: Callable | None = None,
-                  classes: ClassList | None = None) -> LabelledImages | None:
+def open_imagenet(
+    root: Path, transform: Callable | None = None, classes: ClassList | None = None
+) -> LabelledImages | None:
     """ImageNet val at `root` in one of its published layouts, or None when it is in none of them.
 
     A torchvision root (meta.bin or the devkit tarball, and val/<wnid>/); Kaggle's top folder or

@@ -58,8 +58,10 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             with Image.open(path) as image:
                 if image.width * image.height <= MAX_IMAGE_PIXELS:
                     return to_rgb(image)
-                reason = (f"it has {image.width}x{image.height} pixels, over dsq's limit of {MAX_IMAGE_PIXELS} "
-                          "(a decompression bomb?)")
+                reason = (
+                    f"it has {image.width}x{image.height} pixels, over dsq's limit of {MAX_IMAGE_PIXELS} "
+                    "(a decompression bomb?)"
+                )
     except Image.UnidentifiedImageError:
         reason = "the file is empty" if os.path.getsize(path) == 0 else "not an image format Pillow can decode"
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
@@ -122,8 +124,15 @@ class LabelledImages(Dataset):
     images came from and `layout` how their labels were read (for messages and reports).
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str],
-                 transform: Callable | None = None, *, source: str, layout: str):
+    def __init__(
+        self,
+        samples: Sequence[tuple[str, int]],
+        classes: Sequence[str],
+        transform: Callable | None = None,
+        *,
+        source: str,
+        layout: str,
+    ):
         self.samples = list(samples)
         self.classes = list(classes)
         self.transform = transform

@@ -14,11 +14,13 @@ from torchvision import transforms
 from ..errors import DsqError
 from .images import to_rgb
 
-INTERPOLATIONS = MappingProxyType({
-    "nearest": transforms.InterpolationMode.NEAREST,
-    "bilinear": transforms.InterpolationMode.BILINEAR,
-    "bicubic": transforms.InterpolationMode.BICUBIC,
-})
+INTERPOLATIONS = MappingProxyType(
+    {
+        "nearest": transforms.InterpolationMode.NEAREST,
+        "bilinear": transforms.InterpolationMode.BILINEAR,
+        "bicubic": transforms.InterpolationMode.BICUBIC,
+    }
+)
 
 
 MAX_SIDE = 1024  # pixels of a resize or crop: above any CNN classifier's input (<= 800), and a batch of 64
@@ -48,11 +50,15 @@ class _SizeCheck:
         width, height = image.size
         short, long = sorted((width, height))
         if self.resize is not None and self.resize * self.resize * long > MAX_PIXELS * short:
-            raise DsqError(f"its {width}x{height} pixels resized to {self.resize} on the shorter side would make "
-                           f"over {MAX_PIXELS} pixels: crop it to a usual aspect ratio or remove it")
+            raise DsqError(
+                f"its {width}x{height} pixels resized to {self.resize} on the shorter side would make "
+                f"over {MAX_PIXELS} pixels: crop it to a usual aspect ratio or remove it"
+            )
         if self.resize is None and self.crop is None and width * height > MAX_PIXELS:
-            raise DsqError(f"its {width}x{height} pixels are over {MAX_PIXELS} and the preset neither resizes nor "
-                           "crops: set --resize/--crop or remove it")
+            raise DsqError(
+                f"its {width}x{height} pixels are over {MAX_PIXELS} and the preset neither resizes nor "
+                "crops: set --resize/--crop or remove it"
+            )
         return image
 
 
@@ -63,16 +69,17 @@ def _size(field: str, value) -> int | None:
     if isinstance(value, str) and value.strip().isdigit() and len(value.strip()) <= len(str(MAX_SIDE)):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MAX_SIDE:
-        raise DsqError(f"preset {field} must be a whole number of pixels from 1 to {MAX_SIDE} (or none), "
-                       f"got {value!r}")
+        raise DsqError(f"preset {field} must be a whole number of pixels from 1 to {MAX_SIDE} (or none), got {value!r}")
     return int(value)
 
 
 # field -> (its range on the [0, 1] pixel scale, in words; whether a value is in it; an example)
-_CHANNEL_FIELDS = MappingProxyType({
-    "mean": ("from 0 to 1", lambda v: 0 <= v <= 1, "0.485,0.456,0.406"),
-    "std": ("above 0 up to 1", lambda v: 0 < v <= 1, "0.229,0.224,0.225"),
-})
+_CHANNEL_FIELDS = MappingProxyType(
+    {
+        "mean": ("from 0 to 1", lambda v: 0 <= v <= 1, "0.485,0.456,0.406"),
+        "std": ("above 0 up to 1", lambda v: 0 < v <= 1, "0.229,0.224,0.225"),
+    }
+)
 
 
 def _channels(field: str, value) -> tuple[float, float, float]:
@@ -87,8 +94,10 @@ def _channels(field: str, value) -> tuple[float, float, float]:
         numbers_ *= 3
     words, fits, example = _CHANNEL_FIELDS[field]
     if len(numbers_) != 3 or not all(map(fits, numbers_)):
-        raise DsqError(f"preset {field} must be 1 or 3 numbers (R,G,B) {words} on the [0, 1] pixel scale, "
-                       f"e.g. {example}; got {value!r}")
+        raise DsqError(
+            f"preset {field} must be 1 or 3 numbers (R,G,B) {words} on the [0, 1] pixel scale, "
+            f"e.g. {example}; got {value!r}"
+        )
     return numbers_
 
 
@@ -126,8 +135,9 @@ class Preset:
         """The torchvision transform: PIL image -> normalised float tensor (3, H, W), RGB."""
         steps = [_ToRGB(), _SizeCheck(self.resize, self.crop)]
         if self.resize is not None:
-            steps.append(transforms.Resize(self.resize, interpolation=INTERPOLATIONS[self.interpolation],
-                                           antialias=True))
+            steps.append(
+                transforms.Resize(self.resize, interpolation=INTERPOLATIONS[self.interpolation], antialias=True)
+            )
         if self.crop is not None:
             steps.append(transforms.CenterCrop(self.crop))
         steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
@@ -160,13 +170,18 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 _LITE_MEAN = (127 / 255,) * 3
 _LITE_STD = (128 / 255,) * 3
 
-PRESETS = MappingProxyType({p.name: p for p in (
-    Preset("imagenet", 256, 224, _IMAGENET_MEAN, _IMAGENET_STD, "bilinear"),
-    Preset("efficientnet_lite0", 256, 224, _LITE_MEAN, _LITE_STD, "bicubic"),
-    Preset("efficientnet_lite1", 274, 240, _LITE_MEAN, _LITE_STD, "bicubic"),
-    Preset("efficientnet_lite2", 297, 260, _LITE_MEAN, _LITE_STD, "bicubic"),
-    Preset("cifar10", None, None, _IMAGENET_MEAN, _IMAGENET_STD, "bilinear"),
-)})
+PRESETS = MappingProxyType(
+    {
+        p.name: p
+        for p in (
+            Preset("imagenet", 256, 224, _IMAGENET_MEAN, _IMAGENET_STD, "bilinear"),
+            Preset("efficientnet_lite0", 256, 224, _LITE_MEAN, _LITE_STD, "bicubic"),
+            Preset("efficientnet_lite1", 274, 240, _LITE_MEAN, _LITE_STD, "bicubic"),
+            Preset("efficientnet_lite2", 297, 260, _LITE_MEAN, _LITE_STD, "bicubic"),
+            Preset("cifar10", None, None, _IMAGENET_MEAN, _IMAGENET_STD, "bilinear"),
+        )
+    }
+)
 
 
 def get_preset(name: str) -> Preset:

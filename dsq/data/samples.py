@@ -12,8 +12,8 @@ from ..errors import DsqError
 from .classes import CIFAR10_CLASSES, ClassList, is_model_class_order, read_classes
 from .flat import WnidFileDataset, wnid_of
 from .folders import ClassFolderDataset, existing_folder, subfolders
-from .images import LabelledImages, is_image_name
 from .imagenet import kaggle_val_below, labelled_val_folder, open_imagenet
+from .images import LabelledImages, is_image_name
 
 # name -> class names; the files are foolbox/data/<name>_<NN>_<label>.<ext>
 DEMO_SETS = {
@@ -24,7 +24,8 @@ DEMO_SETS = {
 KNOWN_LAYOUTS = (
     "one sub-folder per class with images inside, images named <wnid>_*.JPEG, ImageNet val ILSVRC2012_val_*.JPEG "
     "with Kaggle's LOC_val_solution.csv or with the devkit's ILSVRC2012_validation_ground_truth.txt and meta.mat, "
-    "or a torchvision ImageNet root (meta.bin and val/)")
+    "or a torchvision ImageNet root (meta.bin and val/)"
+)
 
 _INSTALL = "the demo images come from the foolbox package: pip install 'dsq[demo]'"
 
@@ -48,16 +49,20 @@ def demo_dataset(transform: Callable | None = None, name: str = "imagenet") -> L
         raise DsqError(f"unknown demo image set {name!r}: use one of {', '.join(DEMO_SETS)}")
     folder = demo_folder()
     pattern = re.compile(rf"{name}_(\d+)_(\d+)\.(?:jpg|png)")
-    found = sorted((int(m.group(1)), int(m.group(2)), str(folder / m.group(0)))
-                   for m in map(pattern.fullmatch, os.listdir(folder)) if m)
+    found = sorted(
+        (int(m.group(1)), int(m.group(2)), str(folder / m.group(0)))
+        for m in map(pattern.fullmatch, os.listdir(folder))
+        if m
+    )
     if not found:
         raise DsqError(f"no {name} demo images in {folder}: reinstall them with pip install 'dsq[demo]'")
     samples = [(path, label) for _, label, path in found]
     return LabelledImages(samples, DEMO_SETS[name], transform, source=str(folder), layout=f"{name} demo images")
 
 
-def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
-                 classes: ClassList | None = None) -> LabelledImages:
+def open_dataset(
+    path: str | os.PathLike, transform: Callable | None = None, classes: ClassList | None = None
+) -> LabelledImages:
     """The labelled images in folder `path`, whose layout is detected.
 
     ImageNet val in one of its published layouts -> `open_imagenet`; one sub-folder per class ->
@@ -72,8 +77,9 @@ def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
         flat = [name for name in os.listdir(root) if is_image_name(name)]
         if flat and all(map(wnid_of, flat)):
             return WnidFileDataset(root, transform, classes)
-        raise DsqError(f"found {len(flat)} images in {root} but no class sub-folders or label file: "
-                       f"dsq reads {KNOWN_LAYOUTS}")
+        raise DsqError(
+            f"found {len(flat)} images in {root} but no class sub-folders or label file: dsq reads {KNOWN_LAYOUTS}"
+        )
     _refuse_folder_above(root, classes)
     return ClassFolderDataset(root, transform, classes)
 

@@ -26,8 +26,7 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> StateDict:
     state_dict = _find_state_dict(content)
     if not state_dict:
         raise DsqError(
-            f"{path} holds no weight tensors ({_describe(content)}); "
-            "save one with torch.save(model.state_dict(), path)"
+            f"{path} holds no weight tensors ({_describe(content)}); save one with torch.save(model.state_dict(), path)"
         )
     for key, tensor in state_dict.items():
         _check_tensor(path, key, tensor)
@@ -45,11 +44,15 @@ def _check_tensor(path: Path, key: str, tensor: Tensor) -> None:
         raise DsqError(f"{path}: tensor {key} is not a plain dense tensor; re-save the model's state_dict")
     held = tensor.untyped_storage().nbytes() // max(tensor.element_size(), 1)
     if tensor.numel() > held:
-        raise DsqError(f"{path} is damaged: tensor {key} declares {tensor.numel():,} numbers but its data "
-                       f"holds {held:,}; re-save the model's state_dict")
+        raise DsqError(
+            f"{path} is damaged: tensor {key} declares {tensor.numel():,} numbers but its data "
+            f"holds {held:,}; re-save the model's state_dict"
+        )
     if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-        raise DsqError(f"{path}: tensor {key} holds NaN or infinite values; a model with them has no "
-                       "meaningful accuracy: fix or retrain it")
+        raise DsqError(
+            f"{path}: tensor {key} holds NaN or infinite values; a model with them has no "
+            "meaningful accuracy: fix or retrain it"
+        )
 
 
 def _read(path: Path, trust_pickle: bool) -> object:
@@ -110,6 +113,6 @@ def _strip_prefixes(state_dict: StateDict) -> StateDict:
         stripped = False
         for prefix in PREFIXES:
             if all(key.startswith(prefix) for key in state_dict):
-                state_dict = {key[len(prefix):]: value for key, value in state_dict.items()}
+                state_dict = {key[len(prefix) :]: value for key, value in state_dict.items()}
                 stripped = True
     return state_dict

@@ -45,12 +45,22 @@ def check_fit(expected: StateDict, state_dict: StateDict, source: str, arch_name
     missing = [k for k in expected if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in expected]
     common = [k for k in state_dict if k in expected]
-    mismatched = [f"{k} {_shape(state_dict[k].shape)} vs {_shape(expected[k].shape)} expected"
-                  for k in common if state_dict[k].shape != expected[k].shape]
-    not_float = [f"{k} is {_dtype(state_dict[k])}" for k in common
-                 if expected[k].is_floating_point() and not state_dict[k].is_floating_point()]
-    found = {"missing keys": missing, "unexpected": unexpected, "shape mismatches": mismatched,
-             "non-float tensors": not_float}
+    mismatched = [
+        f"{k} {_shape(state_dict[k].shape)} vs {_shape(expected[k].shape)} expected"
+        for k in common
+        if state_dict[k].shape != expected[k].shape
+    ]
+    not_float = [
+        f"{k} is {_dtype(state_dict[k])}"
+        for k in common
+        if expected[k].is_floating_point() and not state_dict[k].is_floating_point()
+    ]
+    found = {
+        "missing keys": missing,
+        "unexpected": unexpected,
+        "shape mismatches": mismatched,
+        "non-float tensors": not_float,
+    }
     problems = [f"{len(items)} {what} (e.g. {items[0]})" for what, items in found.items() if items]
     if problems:
         raise DsqError(

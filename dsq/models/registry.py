@@ -59,8 +59,7 @@ def arch_from_filename(path: Path) -> Arch:
     """The architecture whose name (the longest that fits) starts the file name: resnet50-0676ba61.pth."""
     stem = _normalise(path.name)
     fits = [
-        alias for alias in _canonical()
-        if stem.startswith(alias) and not stem[len(alias):len(alias) + 1].isdigit()
+        alias for alias in _canonical() if stem.startswith(alias) and not stem[len(alias) : len(alias) + 1].isdigit()
     ]
     if not fits:
         raise DsqError(
