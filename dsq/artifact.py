@@ -122,6 +122,29 @@ def save(
 
     `arch` (a name dsq can build) and `num_classes` let `load` rebuild the model alone;
     without them, `load` needs the float skeleton.
+
+    Args:
+        path: the file to write (a `.dsq` file: safetensors with the JSON recipe in its header).
+        qmodel, report: what dsq.quantize returned (calibrated or not); a trainable model must
+            be frozen first (dsq.nn.freeze).
+        arch: the architecture's name, for `load` to rebuild it without a skeleton.
+        num_classes: the classifier's class count, with `arch`.
+        preset: the preprocessing preset (dsq.data.Preset.to_dict()), for `dsq evaluate`.
+        accuracy: measured accuracy to record in the recipe (any JSON values).
+
+    Returns:
+        The FileSizes of the written file: per-layer and whole-file bytes and their minimum.
+        DsqError for a trainable model, scales that are not values of their scale dtype, or a
+        failed write.
+
+    Example:
+        >>> import os, tempfile, torch.nn as nn, dsq
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        >>> qmodel, report = dsq.quantize(model, bits=4)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     sizes = dsq.save(os.path.join(folder, "model.dsq"), qmodel, report)
+        >>> [(layer.name, layer.bits) for layer in sizes.layers]
+        [('0', 4), ('2', 4)]
     """
     if is_trainable(qmodel):
         raise DsqError("the model is trainable (dsq.nn.make_trainable): dsq.nn.freeze(model) before saving it")
@@ -342,6 +365,31 @@ def load(path: str | os.PathLike, skeleton: nn.Module | None = None) -> tuple[nn
 
     The architecture is rebuilt by name from the recipe; for models dsq cannot build by
     name, pass the float `skeleton` (any weights: a copy of it takes the file's tensors).
+
+    Args:
+        path: a file written by dsq.save.
+        skeleton: the float model the file was quantized from (its architecture; the weights
+            do not matter), needed when the file was saved without `arch`; it is left untouched.
+
+    Returns:
+        (model, recipe): the DSConv model in eval mode (simulate backend), its tensors
+        bit-identical to the saved model's, and the file's checked JSON recipe (settings,
+        layers, report, accuracy, ...).
+        DsqError for a damaged file, one of a format version this dsq does not read, or a
+        skeleton that does not fit.
+
+    Example:
+        >>> import os, tempfile, torch, torch.nn as nn, dsq
+        >>> model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        >>> qmodel, report = dsq.quantize(model, bits=4)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = dsq.save(os.path.join(folder, "model.dsq"), qmodel, report)
+        ...     loaded, recipe = dsq.load(os.path.join(folder, "model.dsq"), skeleton=model)
+        >>> recipe["settings"]["weight"]["bits"]
+        4
+        >>> x = torch.randn(1, 3, 8, 8)
+        >>> torch.equal(loaded(x), qmodel(x))
+        True
     """
     recipe, tensors = _open(path)
     model = _skeleton(path, recipe, tensors, skeleton)

@@ -160,6 +160,25 @@ def set_backend(model: nn.Module, backend: str, kernel: str = "auto") -> list[st
     applies (ungrouped convs and linear layers with channel-layout weights, on a CPU with
     AVX-512) and the eager path elsewhere; "eager" takes the eager path everywhere. The result
     is the same bit for bit.
+
+    Args:
+        model: a model with DSConv layers (from dsq.quantize or dsq.load), changed in place.
+        backend: "simulate", "int" or "exact" (BACKENDS).
+        kernel: "auto" or "eager" (INT_KERNELS), for the "int" backend.
+
+    Returns:
+        The names of the DSConv layers that now run on integers (none unless `backend` is
+        "int"). DsqError for an unknown backend or kernel, a model without DSConv layers,
+        "int" or "exact" on a trainable model or on scales that are not float32, and "int"
+        without BFP inputs or on a device without an int8 matrix product.
+
+    Example:
+        >>> import torch, torch.nn as nn, dsq
+        >>> qmodel, _ = dsq.quantize(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1)), bits=4)
+        >>> dsq.nn.set_backend(qmodel, "int", kernel="eager")  # '0' reads the image: a float input
+        ['2']
+        >>> qmodel(torch.randn(1, 3, 8, 8)).shape
+        torch.Size([1, 8, 6, 6])
     """
     check_backend(backend)
     check_int_kernel(kernel)

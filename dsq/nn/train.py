@@ -196,6 +196,27 @@ def make_trainable(
     nn.Parameter `kds` (the state_dict keeps its keys, plus `latent` or `rounding`), BFP inputs
     pass gradients straight through, and the model's other parameters (biases, BatchNorm) are
     left as they are. Calling it again with the same `weights` changes nothing. `freeze` undoes it.
+
+    Args:
+        model: a model with DSConv layers on the simulate backend, changed in place.
+        weights: "ste", "fixed" or "learned" (WEIGHT_MODES).
+        reference: the float model `model` was quantized from; needed by "learned" only.
+
+    Returns:
+        The new trainable parameters by qualified name, e.g. for an optimizer. DsqError for an
+        unknown mode, a model without DSConv layers, a layer on the int or exact backend, a
+        layer already trainable in another mode, and "learned" without a fitting `reference`.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from dsq.nn import DSConv2d, make_trainable
+        >>> model = nn.Sequential(DSConv2d(8, 4, 1))
+        >>> x = torch.randn(1, 8, 5, 5)
+        >>> before = model(x)
+        >>> list(make_trainable(model, weights="ste"))
+        ['0.kds', '0.latent']
+        >>> torch.equal(model(x), before)
+        True
     """
     if weights not in WEIGHT_MODES:
         raise DsqError(f"unknown weights mode {weights!r}: use one of {', '.join(WEIGHT_MODES)}")
@@ -284,6 +305,13 @@ def freeze(model: nn.Module) -> list[str]:
     a saved file keeps; DsqError, and no layer changed, when a scale exceeds it); `latent` /
     `rounding` are deleted. In eval mode the frozen model computes what the trainable one did
     ("learned": with every h(V) rounded to 0 or 1), with the rounded scales.
+
+    Args:
+        model: a model with DSConv layers (trainable or not), changed in place.
+
+    Returns:
+        The names of the layers that were trainable and are now frozen (empty if none was).
+        DsqError for a model without DSConv layers, or a trained scale beyond its scale dtype.
 
     Example:
         >>> import torch.nn as nn
