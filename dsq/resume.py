@@ -161,12 +161,20 @@ def _first_difference(theirs: dict, ours: dict) -> str | None:
     return next(filter(differs, sorted(set(theirs) | set(ours))), "settings")
 
 
+def _layout_version(settings: dict):
+    """The version of the layout of the settings' quantization (None where it has none)."""
+    quantization = settings.get("quantization")
+    return quantization.get("version") if isinstance(quantization, dict) else None
+
+
 def _check_settings(path: Path, kind: str, theirs, ours: dict) -> None:
     """DsqError naming the first setting or input that differs between the file's and this run's."""
     if not isinstance(theirs, dict):
         raise _damaged(path, "its settings are not an object")
     if "inputs" in ours and "inputs" not in theirs:
         raise DsqError(f"{path} holds a {kind} of an older dsq, which did not record what it ran on: {ADVICE}")
+    if _layout_version(ours) is not None and _layout_version(theirs) is None:
+        raise DsqError(f"{path} holds a {kind} of an older dsq, which saved its settings otherwise: {ADVICE}")
     key = _first_difference(theirs, ours)
     if key in INPUT_NAMES:
         raise DsqError(f"{path} holds a {kind} computed from other {INPUT_NAMES[key]} than now: {ADVICE}")
@@ -275,11 +283,12 @@ def exclusive(path: Path):
 class ResumableRun:
     """Many models quantized with shared options and evaluated on the same images.
 
-    `settings` (with `quant_options` added as "quantization") say what the run is; with an
-    `output` stem every finished result is saved at once to OUTPUT.json, and the table that
-    `rows` makes of the results to OUTPUT.csv (and to OUTPUT.json under `rows_key`). With
-    `resume`, `run` starts from the results found in OUTPUT.json when they come from a run of
-    the same settings on the same model weights and images, and calls `on_resume(run)` then.
+    `settings` (with `quantization` added: what every model's quantization shares, with the
+    "version" of its layout) say what the run is; with an `output` stem every finished result
+    is saved at once to OUTPUT.json, and the table that `rows` makes of the results to OUTPUT.csv
+    (and to OUTPUT.json under `rows_key`). With `resume`, `run` starts from the results found in
+    OUTPUT.json when they come from a run of the same settings on the same model weights and
+    images, and calls `on_resume(run)` then.
     Subclasses say which models to evaluate (`builders`) and what each result holds (`facts`).
     """
 
@@ -288,15 +297,14 @@ class ResumableRun:
 
     def __init__(
         self,
-        quant_options: dict,
+        quantization: dict,
         *,
         settings: dict | None = None,
         output: str | os.PathLike | None = None,
         resume: bool = True,
         on_resume: Callable[[ResumableRun], None] | None = None,
     ):
-        self.quant_options = dict(quant_options)
-        self.settings = as_json({**(settings or {}), "quantization": self.quant_options})
+        self.settings = as_json({**(settings or {}), "quantization": dict(quantization)})
         self.output = output
         self.resume = resume
         self.on_resume = on_resume

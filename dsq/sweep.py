@@ -1,6 +1,6 @@
 """Accuracy over a grid of weight bits x block sizes: the float model once, then every point.
 
-sweep = Sweep([2, 4, 8], [16, 32], {"method": "l2"}, output="sweep")
+sweep = Sweep([2, 4, 8], [16, 32], quant_config(method="l2"), output="sweep")
 sweep.run(model, dataset)          # writes sweep.json and sweep.csv after every pass
 sweep.rows()                       # one row per point: bits/w, size, top-1, top-5, drop
 """
@@ -8,13 +8,16 @@ sweep.rows()                       # one row per point: bits/w, size, top-1, top
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 from torch import nn
 
 from .calibration import calibrate
+from .config import CalibConfig, QuantConfig
 from .convert import quantize
+from .errors import DsqError
 from .fingerprint import tensor_digest
 from .formats.spec import MAX_BITS, MIN_BITS
 from .metrics import state_bytes
@@ -34,8 +37,14 @@ def point_of(name: str) -> tuple[int, int] | None:
 
 
 class Sweep(ResumableRun):
-    """Every combination of `bits` and `blocks`, with the other keyword options of `dsq.quantize`
-    shared (dsq.config.quant_config: an unset act_block follows each point's block)."""
+    """Every combination of `bits` and `blocks`, each point `config` with that weight bits and block
+    (`point_config`).
+
+    `config`: the base dsq.config.QuantConfig (default: dsq's); its weight bits and block are
+    replaced at every point. `act_block_follows`: each point's activation block is its weight block
+    (as dsq.config.quant_config does with an unset act_block), rather than the config's.
+    `calibration`: (images, dsq.config.CalibConfig) to calibrate every point with.
+    """
 
     kind = "dsq sweep"
     rows_key = "points"
@@ -44,18 +53,42 @@ class Sweep(ResumableRun):
         self,
         bits: Sequence[int],
         blocks: Sequence[int],
-        quant_options: dict,
-        calibration: tuple[torch.Tensor, dict] | None = None,
+        config: QuantConfig | None = None,
+        *,
+        act_block_follows: bool = True,
+        calibration: tuple[torch.Tensor, CalibConfig] | None = None,
         **run_options,
     ):
-        """`calibration`: (images, dsq.config.CalibConfig) to calibrate every point with."""
+        config = QuantConfig() if config is None else config
+        if not isinstance(config, QuantConfig):
+            raise DsqError(f"a sweep needs a dsq.config.QuantConfig, not a {type(config).__name__} value")
         self.bits, self.blocks = list(bits), list(blocks)
+        self.config, self.act_block_follows = config, act_block_follows
         self.calibration = calibration
-        super().__init__(quant_options, **run_options)
+        super().__init__(self._shared_settings(), **run_options)
+
+    def _shared_settings(self) -> dict:
+        """What every point shares, saved for resuming: the config's dict with its weight and act
+        formats flattened (method, ..., act_bits, act_block), less what the points set (the weight
+        bits and block, and the act block when it follows), so that a wider grid reuses points."""
+        shared = self.config.to_dict()
+        weight, act = shared.pop("weight"), shared.pop("act")
+        del weight["bits"], weight["block"]
+        act = act or {"bits": None, "block": None}
+        follows = self.act_block_follows and self.config.act is not None
+        return {**shared, **weight, "act_bits": act["bits"], "act_block": None if follows else act["block"]}
 
     @property
     def grid(self) -> list[tuple[int, int]]:
         return [(bits, block) for bits in self.bits for block in self.blocks]
+
+    def point_config(self, bits: int, block: int) -> QuantConfig:
+        """The config of the point (bits, block): the base config with that weight bits and block,
+        and that act block too when it follows."""
+        act = self.config.act
+        if act is not None and self.act_block_follows:
+            act = replace(act, block=block)
+        return replace(self.config, weight=replace(self.config.weight, bits=bits, block=block), act=act)
 
     def builders(self, model: nn.Module) -> dict[str, Builder]:
         """The float model, then every point of the grid."""
@@ -88,7 +121,7 @@ class Sweep(ResumableRun):
         return {**super().inputs(model, dataset, indices), "calibration": calibration}
 
     def _quantize(self, model: nn.Module, bits: int, block: int) -> tuple[nn.Module, dict]:
-        qmodel, report = quantize(model, bits=bits, block=block, **self.quant_options)
+        qmodel, report = quantize(model, self.point_config(bits, block))
         if self.calibration is not None:
             images, config = self.calibration
             calibrate(model, qmodel, report, images, config)
@@ -109,7 +142,7 @@ class Sweep(ResumableRun):
     def rows(self) -> list[dict]:
         """One row per finished point, in grid order, with the float baseline and the drop."""
         base = self.results.get(FLOAT)
-        q = self.settings["quantization"]
+        weight, act = self.config.weight, self.config.act
         rows = []
         for bits, block in self.grid:
             r = self.results.get(point_name(bits, block))
@@ -120,9 +153,9 @@ class Sweep(ResumableRun):
                     "model": self.settings.get("model"),
                     "bits": bits,
                     "block": block,
-                    "act_bits": q.get("act_bits"),
-                    "method": q.get("method"),
-                    "layout": q.get("layout"),
+                    "act_bits": None if act is None else act.bits,
+                    "method": weight.method,
+                    "layout": weight.layout,
                     "bits_per_weight": round(r["bits_per_weight"], 4),
                     "size_bytes": r["size_bytes"],
                     "compression": round(r["compression"], 3),

@@ -275,9 +275,10 @@ def quant_options(o: dict) -> dict:
     )
 
 
-def config_from(o: dict) -> QuantConfig:
-    """The QuantConfig the parsed format options describe."""
-    return quant_config(**quant_options(o))
+def config_from(o: dict, **options) -> QuantConfig:
+    """The QuantConfig the parsed format options describe, with `options` of `quant_config` in place
+    of theirs (a sweep: one bits and block of its grid)."""
+    return quant_config(**{**quant_options(o), **options})
 
 
 calib_options = stack(

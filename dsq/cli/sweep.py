@@ -10,11 +10,11 @@ from ..sweep import Sweep
 from .options import (
     IntList,
     calib_options,
+    config_from,
     data_options,
     eval_kwargs,
     model_options,
     pass_options,
-    quant_options,
     quiet_option,
     recipe_options,
 )
@@ -47,11 +47,18 @@ def sweep_command(o):
     Each point is saved as soon as its pass ends: run the same command again after an interruption
     and it continues where it stopped.
     """
-    options = quant_options(o)
-    bits, blocks = options.pop("bits"), options.pop("block")
+    bits, blocks = o["bits"], o["block"]
+    config = config_from(o, bits=bits[0], block=blocks[0])  # each point replaces the weight bits and block
     loaded, dataset, settings, calibration = load_model_and_data(o)
     sweep = Sweep(
-        bits, blocks, options, calibration=calibration, settings=settings, output=o["output"], resume=o["resume"]
+        bits,
+        blocks,
+        config,
+        act_block_follows=o["act_block"] is None,
+        calibration=calibration,
+        settings=settings,
+        output=o["output"],
+        resume=o["resume"],
     )
     announce(sweep)
     sweep.run(loaded.model, dataset, per_pass=o["per_pass"], progress=not o["quiet"], **eval_kwargs(o))

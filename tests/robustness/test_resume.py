@@ -137,15 +137,15 @@ def test_an_image_replaced_under_the_same_name_is_refused(work, folder, named):
 def test_a_library_run_on_other_tensors_is_refused(tmp_path, one_line_dsq_error):
     model = build_model("cifar_resnet20")
     images = [(torch.full((3, 32, 32), float(i)), i % 10) for i in range(10)]
-    Sweep([4], [16], {}, output=tmp_path / "sw").run(model, images, progress=False)
+    Sweep([4], [16], output=tmp_path / "sw").run(model, images, progress=False)
     images[3] = (torch.zeros(3, 32, 32), 3)
-    message = one_line_dsq_error(Sweep([4], [16], {}, output=tmp_path / "sw").run, model, images, progress=False)
+    message = one_line_dsq_error(Sweep([4], [16], output=tmp_path / "sw").run, model, images, progress=False)
     assert "other images" in message
 
 
 def test_a_run_object_reused_on_another_model_starts_over(tmp_path):
     images = [(torch.randn(3, 32, 32), i % 10) for i in range(10)]
-    run = Sweep([4], [16], {})
+    run = Sweep([4], [16])
     first = run.run(build_model("cifar_resnet20"), images, progress=False).results["float"]
     torch.manual_seed(1)
     other = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(10))
@@ -223,8 +223,9 @@ def test_a_pipe_in_place_of_the_results_file_is_refused_unread(finished, tmp_pat
         (edit_json(lambda d: d["settings"].pop("inputs")), "older dsq"),
         (edit_json(lambda d: d["settings"].__setitem__("limit.x", d["settings"].pop("limit"))), "limit"),
         (edit_json(lambda d: d["settings"]["quantization"].__setitem__("act_bits", 8.0)), "act_bits: 8.0 there, 8 now"),
+        (edit_json(lambda d: d["settings"]["quantization"].pop("version")), "older dsq"),
     ],
-    ids=["written by an older dsq", "settings nested otherwise", "a setting of another type"],
+    ids=["written by an older dsq", "settings nested otherwise", "a setting of another type", "an older layout"],
 )
 def test_hand_edited_settings_are_refused(finished, tmp_path, edit, named):
     work, saved = finished
@@ -274,15 +275,15 @@ def test_a_second_run_on_the_same_output_is_refused_while_the_first_goes(work, m
     `dsq sweep` on the same -o meanwhile is refused, naming the process; the first then finishes."""
     started, go_on, real = threading.Event(), threading.Event(), dsq.sweep.quantize
 
-    def waiting_quantize(model, **options):
+    def waiting_quantize(model, config):
         started.set()
         assert go_on.wait(60)
-        return real(model, **options)
+        return real(model, config)
 
     monkeypatch.setattr(dsq.sweep, "quantize", waiting_quantize)
     loaded = load_model(str(work / MODEL))
     dataset = open_dataset(work / "data", get_preset("cifar10").transform())
-    first = Sweep([4], [16], {}, output=work / "sw")
+    first = Sweep([4], [16], output=work / "sw")
     thread = threading.Thread(target=first.run, args=(loaded.model, dataset), kwargs={"progress": False})
     thread.start()
     try:

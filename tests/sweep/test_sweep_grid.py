@@ -94,7 +94,7 @@ def test_library_sweep_without_files():
     labels = torch.arange(8) % 4
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Flatten(), torch.nn.LazyLinear(4))
     model(images)
-    sweep = Sweep([3, 8], [8], {}).run(model, list(zip(images, labels.tolist())), per_pass=2, progress=False)
+    sweep = Sweep([3, 8], [8]).run(model, list(zip(images, labels.tolist())), per_pass=2, progress=False)
     assert [(p["bits"], p["block"]) for p in sweep.rows()] == [(3, 8), (8, 8)]
     assert sweep.results["float"]["images"] == 8 and sweep.pending == 0
 

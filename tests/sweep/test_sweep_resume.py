@@ -28,11 +28,11 @@ def counting_quantize(monkeypatch, fail_at=None) -> list:
     """Count `quantize` calls of the sweep; raise Killed at call number `fail_at`."""
     calls, real = [], dsq.sweep.quantize
 
-    def quantize(model, **options):
-        calls.append((options["bits"], options["block"]))
+    def quantize(model, config):
+        calls.append((config.weight.bits, config.weight.block))
         if len(calls) == fail_at:
             raise Killed
-        return real(model, **options)
+        return real(model, config)
 
     monkeypatch.setattr(dsq.sweep, "quantize", quantize)
     return calls
