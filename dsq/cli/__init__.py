@@ -5,16 +5,7 @@ inside its handler of Ctrl-C: an interrupted command ends in one line and exit c
 moment, never a traceback.
 """
 
-import sys
-
-INTERRUPTED = 130  # 128 + SIGINT: what shells report for a command stopped by Ctrl-C
-
-
-def exit_interrupted():
-    """End the process as Ctrl-C should: one line, exit code 130 (files being written are removed
-    on the way out, by their own handlers)."""
-    print("Error: interrupted", file=sys.stderr)
-    sys.exit(INTERRUPTED)
+from .interrupt import exit_interrupted
 
 
 def main():

@@ -13,10 +13,10 @@ from .._version import __version__
 from ..allocator import reuse_freed_memory
 from ..distributed import main_process_speaks
 from ..errors import DsqError, DsqWarning
-from . import exit_interrupted
 from .demo import demo_command
 from .evaluate import eval_command
 from .inspect import inspect_command
+from .interrupt import exit_interrupted
 from .quantize import quantize_command
 from .sensitivity import sensitivity_command
 from .sweep import sweep_command

@@ -19,7 +19,7 @@ from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequan
 from .exact_backend import ExactWeight
 from .int_backend import IntWeight
 from .int_plan import check_int_device, check_int_kernel
-from .train import bfp_straight_through, trainable_mode, trained_weight, weight_parameter
+from .trainable_layer import bfp_straight_through, trainable_mode, trained_weight, weight_parameter
 
 BACKENDS = ("simulate", "int", "exact")
 

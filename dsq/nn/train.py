@@ -21,107 +21,22 @@ import torch
 import torch.nn as nn
 
 from ..errors import DsqError
-from ..formats import ActFormat, BlockLayout, bfp_quantize, round_scales
-from ..formats.weights import code_range
-
-WEIGHT_MODES = ("ste", "fixed", "learned")
-LATENT = "latent"
-ROUNDING = "rounding"  # "learned": AdaRound's V, one per weight
-ROUNDING_BASE = "rounding_base"  # "learned": the lower of each weight's two codes (not in the state_dict)
-ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch, as in AdaRound (Nagel et al. 2020)
-BETA_START, BETA_END = 20.0, 2.0  # the rounding penalty's exponent, annealed over training
-HALF_MARGIN = 1e-3  # an initial h(V) stays this far on the stored code's side of 1/2
-
-
-class _RoundSTE(torch.autograd.Function):
-    """torch.round forward, identity backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-class _BFPSTE(torch.autograd.Function):
-    """bfp_quantize forward (the very same numbers), identity backward."""
-
-    @staticmethod
-    def forward(ctx, x, fmt, dim):
-        return bfp_quantize(x, fmt, dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
-
-
-def bfp_straight_through(x: torch.Tensor, fmt: ActFormat, dim: int) -> torch.Tensor:
-    """x rounded to BFP, with the gradient of the identity."""
-    return _BFPSTE.apply(x, fmt, dim)
-
-
-def latent_codes(latent: torch.Tensor, scale: torch.Tensor, bits: int, ste: bool = False) -> torch.Tensor:
-    """clamp(round(latent / scale)) as floats; 0 where the scale is 0 (no NaN, no gradient there).
-
-    `scale` is each weight's own KDS (BlockLayout.expand_scales). With `ste` the rounding
-    passes gradients straight through, as in LSQ (the clamp does not: latent / scale beyond
-    the code range gets none).
-    """
-    lo, hi = code_range(bits)
-    zero = scale == 0
-    v = torch.where(zero, torch.zeros_like(latent), latent / torch.where(zero, torch.ones_like(scale), scale))
-    v = v.clamp(lo, hi)
-    return _RoundSTE.apply(v) if ste else torch.round(v)
-
-
-def _scales(kds: torch.Tensor, layout: BlockLayout, shape: torch.Size) -> torch.Tensor:
-    return layout.expand_scales(kds).reshape(shape)
-
-
-def ste_weight(latent: torch.Tensor, kds: torch.Tensor, layout: BlockLayout, bits: int) -> torch.Tensor:
-    """alpha * clamp(round_ste(latent / alpha)): the weight of a weights="ste" layer."""
-    scale = _scales(kds, layout, latent.shape)
-    return latent_codes(latent, scale, bits, ste=True) * scale
-
-
-def rounding_up(rounding: torch.Tensor) -> torch.Tensor:
-    """AdaRound's rectified sigmoid h(V) = clamp(sigmoid(V) * (zeta - gamma) + gamma, 0, 1): how
-    far each weight rounds up, from 0 (down) to 1 (up); it reaches 0 and 1 at finite V."""
-    return (torch.sigmoid(rounding) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
-
-
-def learned_codes(rounding: torch.Tensor, base: torch.Tensor, bits: int, hard: bool = False) -> torch.Tensor:
-    """clamp(base + h(V), lo, hi) as floats; `hard` rounds h(V) to 0 or 1 (h >= 1/2 rounds up),
-    as freeze does."""
-    lo, hi = code_range(bits)
-    up = rounding_up(rounding)
-    return (base + (up >= 0.5).to(base.dtype) if hard else base + up).clamp(lo, hi)
-
-
-def learned_weight(
-    rounding: torch.Tensor, base: torch.Tensor, kds: torch.Tensor, layout: BlockLayout, bits: int
-) -> torch.Tensor:
-    """alpha * clamp(base + h(V), lo, hi): the weight of a weights="learned" layer."""
-    return learned_codes(rounding, base, bits) * _scales(kds, layout, base.shape)
-
-
-def initial_rounding(
-    reference: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base, V) for weights="learned" from the float weight `reference`, the stored codes q and
-    each weight's scale: a weight chooses between base and base + 1, namely q and q's neighbour
-    on the side of reference / alpha (floor and ceil of reference / alpha where q is its nearest
-    code); h(V) starts at reference / alpha's position between the two (AdaRound's start), kept
-    on q's side of 1/2 so that rounding h(V) gives q back. Where alpha = 0, base = q."""
-    zero = scale == 0
-    ratio = torch.where(zero, codes, reference / torch.where(zero, torch.ones_like(scale), scale))
-    upper = ratio < codes  # q is the upper code of the two
-    base = codes - upper.to(codes.dtype)
-    offset = ratio - base
-    position = torch.where(upper, offset.clamp(0.5 + HALF_MARGIN, 1), offset.clamp(0, 0.5 - HALF_MARGIN))
-    return base, -torch.log((ZETA - GAMMA) / (position - GAMMA) - 1)
+from ..formats import round_scales
+from .dsconv import is_dsconv
+from .trainable_layer import (
+    BETA_END,
+    BETA_START,
+    LATENT,
+    ROUNDING,
+    ROUNDING_BASE,
+    WEIGHT_MODES,
+    expanded_scales,
+    initial_rounding,
+    latent_codes,
+    learned_codes,
+    rounding_up,
+    trainable_mode,
+)
 
 
 def rounding_penalty(model: nn.Module, progress: float) -> torch.Tensor:
@@ -136,39 +51,12 @@ def rounding_penalty(model: nn.Module, progress: float) -> torch.Tensor:
     return total / sum(v.numel() for v in roundings)
 
 
-def weight_parameter(layer: nn.Module) -> nn.Parameter | None:
-    """The parameter a trainable layer's integers come from: `latent` ("ste"), `rounding`
-    ("learned"), or None (the stored VQK)."""
-    return layer._parameters.get(LATENT, layer._parameters.get(ROUNDING))
-
-
-def trained_weight(layer: nn.Module) -> torch.Tensor:
-    """The weight of an "ste" or "learned" layer, differentiable."""
-    bits = layer.weight_format.bits
-    if LATENT in layer._parameters:
-        return ste_weight(layer.latent, layer.kds, layer.layout, bits)
-    return learned_weight(layer.rounding, layer.rounding_base, layer.kds, layer.layout, bits)
-
-
-def trainable_mode(layer: nn.Module) -> str | None:
-    """ "ste", "fixed", "learned", or None for a DSConv layer that is not trainable (inference)."""
-    if LATENT in layer._parameters:
-        return "ste"
-    if ROUNDING in layer._parameters:
-        return "learned"
-    return "fixed" if "kds" in layer._parameters else None
-
-
 def is_trainable(model: nn.Module) -> bool:
     """Whether any DSConv layer of `model` is trainable (not frozen)."""
-    from .dsconv import is_dsconv  # imported here: dsconv imports this module
-
     return any(is_dsconv(m) and trainable_mode(m) for m in model.modules())
 
 
 def _dsconv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from .dsconv import is_dsconv  # imported here: dsconv imports this module
-
     layers = [(name, m) for name, m in model.named_modules() if is_dsconv(m)]
     if not layers:
         raise DsqError("the model has no DSConv layers: quantize it first (dsq.quantize) or build it with DSConv2d")
@@ -238,7 +126,7 @@ def make_trainable(
     for name, m in layers:
         if trainable_mode(m) is None:
             kds = m._buffers.pop("kds").detach().float().clone()
-            scales = _scales(kds, m.layout, m.vqk.shape)
+            scales = expanded_scales(kds, m.layout, m.vqk.shape)
             if weights == "ste":
                 m.register_parameter(LATENT, nn.Parameter(m.vqk.float() * scales))
             elif weights == "learned":
@@ -327,7 +215,7 @@ def freeze(model: nn.Module) -> list[str]:
             scales[name] = (m, round_scales(m.kds.detach().clone(), m.weight_format.scale_dtype, f"layer {name!r}"))
     for m, kds in scales.values():
         if trainable_mode(m) == "ste":  # the codes of the scales trained with, as the forward computed them
-            codes = latent_codes(m.latent, _scales(m.kds, m.layout, m.vqk.shape), m.weight_format.bits)
+            codes = latent_codes(m.latent, expanded_scales(m.kds, m.layout, m.vqk.shape), m.weight_format.bits)
             m.vqk.copy_(codes.to(torch.int8))
         elif trainable_mode(m) == "learned":
             m.vqk.copy_(learned_codes(m.rounding, m.rounding_base, m.weight_format.bits, hard=True).to(torch.int8))

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import dsq
 from dsq.formats import ActFormat, WeightFormat, bfp_quantize
 from dsq.nn import DSConv2d, DSLinear, freeze, is_trainable, make_trainable, parameter_groups, set_backend, to_dsconv
-from dsq.nn.train import latent_codes, learned_codes, rounding_penalty, rounding_up
+from dsq.nn.train import rounding_penalty
+from dsq.nn.trainable_layer import latent_codes, learned_codes, rounding_up
 
 import zoo
 
