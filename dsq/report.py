@@ -208,40 +208,42 @@ def file_line(sizes) -> str:
     )
 
 
+def _cells(columns: dict, items) -> list[list[str]]:
+    """One row per item: each column's cell function applied to it."""
+    return [[cell(item) for cell in columns.values()] for item in items]
+
+
+SWEEP_COLUMNS = {
+    "bits": lambda p: str(p["bits"]),
+    "block": lambda p: str(p["block"]),
+    "bits/w": lambda p: f"{p['bits_per_weight']:.2f}",
+    "size": lambda p: _size(p["size_bytes"]),
+    "top-1 %": lambda p: f"{p['top1']:.2f}",
+    "top-5 %": lambda p: f"{p['top5']:.2f}",
+    "drop": lambda p: f"{p['drop_top1']:+.2f}",
+}
+
+SENSITIVITY_COLUMNS = {
+    "layer": lambda r: r["layer"],
+    "kind": lambda r: r["kind"],
+    "params": lambda r: f"{r['params']:,}",
+    "bits": lambda r: str(r["bits"]),
+    "only it quantized": lambda r: f"{r['only_top1']:.2f} ({r['only_drop']:+.2f})",
+    "all but it": lambda r: f"{r['all_but_top1']:.2f} ({r['all_but_gain']:+.2f})",
+    "damage": lambda r: f"{r['damage']:.2f}",
+}
+
+
 def sweep_table(sweep) -> str:
     """The float baseline, then one row per point of a `dsq.sweep.Sweep`: bits/w, size, accuracy, drop."""
     base = sweep.results["float"]
-    rows = [["float", "-", "32.00", _size(base["size_bytes"]), f"{base['top1']:.2f}", f"{base['top5']:.2f}", ""]]
-    rows += [
-        [
-            str(p["bits"]),
-            str(p["block"]),
-            f"{p['bits_per_weight']:.2f}",
-            _size(p["size_bytes"]),
-            f"{p['top1']:.2f}",
-            f"{p['top5']:.2f}",
-            f"{p['drop_top1']:+.2f}",
-        ]
-        for p in sweep.rows()
-    ]
-    return _table(["bits", "block", "bits/w", "size", "top-1 %", "top-5 %", "drop"], rows)
+    float_row = ["float", "-", "32.00", _size(base["size_bytes"]), f"{base['top1']:.2f}", f"{base['top5']:.2f}", ""]
+    return _table(list(SWEEP_COLUMNS), [float_row, *_cells(SWEEP_COLUMNS, sweep.rows())])
 
 
 def sensitivity_table(sensitivity) -> str:
     """One row per layer of a `dsq.sensitivity.Sensitivity`, most damaging first."""
-    rows = [
-        [
-            r["layer"],
-            r["kind"],
-            f"{r['params']:,}",
-            str(r["bits"]),
-            f"{r['only_top1']:.2f} ({r['only_drop']:+.2f})",
-            f"{r['all_but_top1']:.2f} ({r['all_but_gain']:+.2f})",
-            f"{r['damage']:.2f}",
-        ]
-        for r in sensitivity.rows()
-    ]
-    return _table(["layer", "kind", "params", "bits", "only it quantized", "all but it", "damage"], rows)
+    return _table(list(SENSITIVITY_COLUMNS), _cells(SENSITIVITY_COLUMNS, sensitivity.rows()))
 
 
 def _figure(width: float, height: float):

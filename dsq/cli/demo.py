@@ -16,8 +16,8 @@ DEMO_MODEL = "efficientnet_lite0"
 
 
 @click.command("demo")
-@click.option("-b", "--bits", type=click.IntRange(2, 8), default=4, show_default=True, help="Bits per weight.")
-@click.option("--block", type=click.IntRange(min=1), default=32, show_default=True, help="Block size.")
+@click.option("-b", "--bits", type=click.IntRange(2, 8), default=4, help="Bits per weight.")
+@click.option("--block", type=click.IntRange(min=1), default=32, help="Block size.")
 @output_options
 @pass_options
 def demo_command(o):

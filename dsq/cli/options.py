@@ -117,7 +117,6 @@ model_options = stack(
         "--trust-pickle",
         is_flag=True,
         default=False,
-        show_default=True,
         help="Allow a full pickle checkpoint; it can run code, so only for files you trust.",
     ),
 )
@@ -128,14 +127,12 @@ grid_options = stack(
         "--bits",
         type=click.IntRange(MIN_BITS, MAX_BITS),
         default=4,
-        show_default=True,
         help="Bits per weight integer (VQK).",
     ),
     click.option(
         "--block",
         type=click.IntRange(min=1),
         default=32,
-        show_default=True,
         help="Block size: weights sharing one scale (KDS), channels sharing one exponent.",
     ),
 )
@@ -145,21 +142,18 @@ recipe_options = stack(
         "--method",
         type=click.Choice(METHODS),
         default="l2",
-        show_default=True,
         help="How the KDS is fitted: closed-form L2 or KL divergence.",
     ),
     click.option(
         "--rounds",
         type=click.IntRange(min=0),
         default=DEFAULT_ROUNDS,
-        show_default=True,
         help="L2 refinement rounds after the paper's one-pass fit (0: the paper's method).",
     ),
     click.option(
         "--sum-weight",
         type=click.FloatRange(min=0),
         default=DEFAULT_SUM_WEIGHT,
-        show_default=True,
         help="Weight of each block's sum error in the L2 scale fit (0: plain least squares, "
         "the paper's); the default suits inputs after BN + ReLU.",
     ),
@@ -167,7 +161,6 @@ recipe_options = stack(
         "--layout",
         type=click.Choice(LAYOUTS),
         default="auto",
-        show_default=True,
         help="Block layout: channel blocks, flat (in-channels x taps) blocks, or auto "
         "(flat for grouped or depthwise convs with fewer input channels per group than the block).",
     ),
@@ -175,14 +168,12 @@ recipe_options = stack(
         "--act/--no-act",
         "act",
         default=True,
-        show_default=True,
         help="Round conv inputs to block floating point (BFP).",
     ),
     click.option(
         "--act-bits",
         type=click.IntRange(MIN_BITS, MAX_BITS),
         default=8,
-        show_default=True,
         help="BFP mantissa bits, sign included.",
     ),
     click.option(
@@ -191,14 +182,12 @@ recipe_options = stack(
     click.option(
         "--quantize-image-input/--float-image-input",
         default=False,
-        show_default=True,
         help="Round the first conv's input (the image) to BFP too.",
     ),
     click.option(
         "--include",
         multiple=True,
         default=("*",),
-        show_default=True,
         help="Glob on layer names to quantize; repeatable.",
     ),
     click.option(
@@ -221,20 +210,17 @@ recipe_options = stack(
         "--depthwise-bits",
         type=click.IntRange(MIN_BITS, MAX_BITS),
         default=DEFAULT_DEPTHWISE_BITS,
-        show_default=True,
         help="Bits of depthwise convs' weights (--layer-bits globs take precedence).",
     ),
     click.option(
         "--quantize-linear/--float-linear",
         default=False,
-        show_default=True,
         help="Quantize linear layers too (as 1x1 convs).",
     ),
     click.option(
         "--scale-dtype",
         type=click.Choice(list(SCALE_DTYPES)),
         default=DEFAULT_SCALE_DTYPE,
-        show_default=True,
         help="Precision of the KDS scales, in the model and in the -o file; "
         "float16 saves 16 bits per block (4.5 instead of 5 bits per weight at "
         "4 bits, block 32).",
@@ -247,7 +233,6 @@ backend_option = click.option(
     "--backend",
     type=click.Choice(BACKENDS),
     default="simulate",
-    show_default=True,
     help="How quantized layers compute: simulate (float32 arithmetic on the quantized values), int "
     "(int8 weights x int8 BFP mantissas summed exactly; layers with a float input as exact) or exact "
     "(simulate in float64, rounded once to float32: what int equals bit for bit).",
@@ -293,13 +278,11 @@ calib_options = stack(
         "--calib-images",
         type=click.IntRange(min=1),
         default=DEFAULT_CALIB_IMAGES,
-        show_default=True,
         help="How many calibration images, taken in turn from the sub-folders of --calib.",
     ),
     click.option(
         "--act-search/--no-act-search",
         default=False,
-        show_default=True,
         help="Give each layer the BFP mantissa bits and block size (at most --act-bits bits and "
         "--act-block's bits per activation, exponents included) that keep its output closest on the "
         "calibration images; before the refit.",
@@ -307,34 +290,29 @@ calib_options = stack(
     click.option(
         "--refit/--no-refit",
         default=True,
-        show_default=True,
         help="Refit each layer's integers and scales to its output on the calibration images.",
     ),
     click.option(
         "--refit-images",
         type=click.IntRange(min=1),
         default=DEFAULT_FIT_IMAGES,
-        show_default=True,
         help="Calibration images the refit and bias correction run on, all at once (memory: the "
         "network's activations of that many images).",
     ),
     click.option(
         "--bias-correction/--no-bias-correction",
         default=False,
-        show_default=True,
         help="Give each quantized layer the float layer's mean output (adds a bias where none is).",
     ),
     click.option(
         "--bn-reestimate/--no-bn-reestimate",
         default=False,
-        show_default=True,
         help="Re-estimate BatchNorm statistics on the quantized network's activations.",
     ),
     click.option(
         "--adapt-steps",
         type=click.IntRange(min=0),
         default=DEFAULT_STEPS,
-        show_default=True,
         help="Distillation steps: the float network teaches the quantized one (0: none).",
     ),
     click.option(
@@ -347,12 +325,11 @@ calib_options = stack(
         "--adapt-weights",
         type=click.Choice(WEIGHT_MODES),
         default="fixed",
-        show_default=True,
         help="During distillation: fixed keeps the integers and trains only the float parts, ste "
         "re-derives them through a straight-through estimator, learned learns each weight's "
         "rounding down or up from the float weight (AdaRound).",
     ),
-    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration's random choices."),
+    click.option("--seed", type=int, default=0, help="Seed of the calibration's random choices."),
 )
 
 
@@ -395,16 +372,15 @@ def data_options(required: bool):
             default=None,
             help="Evaluate N images spread evenly over the data  [default: all]",
         ),
-        click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=64),
         click.option(
             "-j",
             "--workers",
             type=click.IntRange(min=0),
             default=DEFAULT_WORKERS,
-            show_default=True,
             help="Image decoding processes.",
         ),
-        click.option("--device", default="cpu", show_default=True, help="Where to evaluate: cpu, cuda, cuda:1, ..."),
+        click.option("--device", default="cpu", help="Where to evaluate: cpu, cuda, cuda:1, ..."),
         click.option(
             "--preset", help="Preprocessing preset (imagenet, efficientnet_lite0/1/2, cifar10)  [default: the model's]"
         ),

@@ -18,21 +18,18 @@ def run_options(default_output: str):
             "--output",
             type=OutputStem("json", "csv", "png"),
             default=default_output,
-            show_default=True,
             metavar="STEM",
             help="Write STEM.json, STEM.csv and STEM.png; STEM.json is also where an interrupted run resumes from.",
         ),
         click.option(
             "--resume/--no-resume",
             default=True,
-            show_default=True,
             help="Skip the models STEM.json already holds from a run with the same settings.",
         ),
         click.option(
             "--per-pass",
             type=click.IntRange(min=1),
             default=4,
-            show_default=True,
             help="Models evaluated together on each pass over the images (each image is decoded once "
             "for all of them); results are saved after every pass.",
         ),

@@ -28,12 +28,9 @@ from .runs import announce, finish, load_model_and_data, run_options
     "--bits",
     type=IntList(MIN_BITS, MAX_BITS),
     default="2,3,4,8",
-    show_default=True,
     help="Weight bits to try, comma-separated.",
 )
-@click.option(
-    "--block", type=IntList(1), default="8,16,32,64,128", show_default=True, help="Block sizes to try, comma-separated."
-)
+@click.option("--block", type=IntList(1), default="8,16,32,64,128", help="Block sizes to try, comma-separated.")
 @recipe_options
 @data_options(required=True)
 @calib_options
