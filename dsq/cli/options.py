@@ -106,125 +106,55 @@ class OutputStem(Outputs, click.ParamType):
         return [f"{value}.{extension}" for extension in self.extensions]
 
 
+# Option lists are declarations, one option in two or three lines: the formatter leaves them so.
+# fmt: off
 model_options = stack(
     click.argument("model", type=InputPath()),
-    click.option(
-        "--arch",
-        help="Architecture of a weights file, when its name does not say it "
-        "(e.g. resnet50, cifar_resnet20, efficientnet_lite0).",
-    ),
-    click.option(
-        "--trust-pickle",
-        is_flag=True,
-        default=False,
-        help="Allow a full pickle checkpoint; it can run code, so only for files you trust.",
-    ),
+    click.option("--arch",
+                 help="Architecture of a weights file, when its name does not say it "
+                      "(e.g. resnet50, cifar_resnet20, efficientnet_lite0)."),
+    click.option("--trust-pickle", is_flag=True, default=False,
+                 help="Allow a full pickle checkpoint; it can run code, so only for files you trust."),
 )
 
 grid_options = stack(
-    click.option(
-        "-b",
-        "--bits",
-        type=click.IntRange(MIN_BITS, MAX_BITS),
-        default=4,
-        help="Bits per weight integer (VQK).",
-    ),
-    click.option(
-        "--block",
-        type=click.IntRange(min=1),
-        default=32,
-        help="Block size: weights sharing one scale (KDS), channels sharing one exponent.",
-    ),
+    click.option("-b", "--bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=4,
+                 help="Bits per weight integer (VQK)."),
+    click.option("--block", type=click.IntRange(min=1), default=32,
+                 help="Block size: weights sharing one scale (KDS), channels sharing one exponent."),
 )
 
 recipe_options = stack(
-    click.option(
-        "--method",
-        type=click.Choice(METHODS),
-        default="l2",
-        help="How the KDS is fitted: closed-form L2 or KL divergence.",
-    ),
-    click.option(
-        "--rounds",
-        type=click.IntRange(min=0),
-        default=DEFAULT_ROUNDS,
-        help="L2 refinement rounds after the paper's one-pass fit (0: the paper's method).",
-    ),
-    click.option(
-        "--sum-weight",
-        type=click.FloatRange(min=0),
-        default=DEFAULT_SUM_WEIGHT,
-        help="Weight of each block's sum error in the L2 scale fit (0: plain least squares, "
-        "the paper's); the default suits inputs after BN + ReLU.",
-    ),
-    click.option(
-        "--layout",
-        type=click.Choice(LAYOUTS),
-        default="auto",
-        help="Block layout: channel blocks, flat (in-channels x taps) blocks, or auto "
-        "(flat for grouped or depthwise convs with fewer input channels per group than the block).",
-    ),
-    click.option(
-        "--act/--no-act",
-        "act",
-        default=True,
-        help="Round conv inputs to block floating point (BFP).",
-    ),
-    click.option(
-        "--act-bits",
-        type=click.IntRange(MIN_BITS, MAX_BITS),
-        default=8,
-        help="BFP mantissa bits, sign included.",
-    ),
-    click.option(
-        "--act-block", type=click.IntRange(min=1), default=None, help="Channels per BFP block  [default: --block]"
-    ),
-    click.option(
-        "--quantize-image-input/--float-image-input",
-        default=False,
-        help="Round the first conv's input (the image) to BFP too.",
-    ),
-    click.option(
-        "--include",
-        multiple=True,
-        default=("*",),
-        help="Glob on layer names to quantize; repeatable.",
-    ),
-    click.option(
-        "--exclude",
-        "--keep-float",
-        "exclude",
-        multiple=True,
-        default=(),
-        help="Glob on layer names to keep float; repeatable.",
-    ),
-    click.option(
-        "--layer-bits",
-        type=GlobBits(),
-        multiple=True,
-        default=(),
-        help="Give the layers whose names match GLOB BITS-bit weights instead of --bits "
-        "(the first matching GLOB wins); repeatable, e.g. 'conv1=8'.",
-    ),
-    click.option(
-        "--depthwise-bits",
-        type=click.IntRange(MIN_BITS, MAX_BITS),
-        default=DEFAULT_DEPTHWISE_BITS,
-        help="Bits of depthwise convs' weights (--layer-bits globs take precedence).",
-    ),
-    click.option(
-        "--quantize-linear/--float-linear",
-        default=False,
-        help="Quantize linear layers too (as 1x1 convs).",
-    ),
-    click.option(
-        "--scale-dtype",
-        type=click.Choice(list(SCALE_DTYPES)),
-        default=DEFAULT_SCALE_DTYPE,
-        help="Precision of the KDS scales, in the model and in the -o file; "
-        "float16 saves 16 bits per block (4.5 instead of 5 bits per weight at "
-        "4 bits, block 32).",
-    ),
+    click.option("--method", type=click.Choice(METHODS), default="l2",
+                 help="How the KDS is fitted: closed-form L2 or KL divergence."),
+    click.option("--rounds", type=click.IntRange(min=0), default=DEFAULT_ROUNDS,
+                 help="L2 refinement rounds after the paper's one-pass fit (0: the paper's method)."),
+    click.option("--sum-weight", type=click.FloatRange(min=0), default=DEFAULT_SUM_WEIGHT,
+                 help="Weight of each block's sum error in the L2 scale fit (0: plain least squares, "
+                      "the paper's); the default suits inputs after BN + ReLU."),
+    click.option("--layout", type=click.Choice(LAYOUTS), default="auto",
+                 help="Block layout: channel blocks, flat (in-channels x taps) blocks, or auto "
+                      "(flat for grouped or depthwise convs with fewer input channels per group than the block)."),
+    click.option("--act/--no-act", "act", default=True, help="Round conv inputs to block floating point (BFP)."),
+    click.option("--act-bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=8,
+                 help="BFP mantissa bits, sign included."),
+    click.option("--act-block", type=click.IntRange(min=1), default=None,
+                 help="Channels per BFP block  [default: --block]"),
+    click.option("--quantize-image-input/--float-image-input", default=False,
+                 help="Round the first conv's input (the image) to BFP too."),
+    click.option("--include", multiple=True, default=("*",), help="Glob on layer names to quantize; repeatable."),
+    click.option("--exclude", "--keep-float", "exclude", multiple=True, default=(),
+                 help="Glob on layer names to keep float; repeatable."),
+    click.option("--layer-bits", type=GlobBits(), multiple=True, default=(),
+                 help="Give the layers whose names match GLOB BITS-bit weights instead of --bits "
+                      "(the first matching GLOB wins); repeatable, e.g. 'conv1=8'."),
+    click.option("--depthwise-bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=DEFAULT_DEPTHWISE_BITS,
+                 help="Bits of depthwise convs' weights (--layer-bits globs take precedence)."),
+    click.option("--quantize-linear/--float-linear", default=False, help="Quantize linear layers too (as 1x1 convs)."),
+    click.option("--scale-dtype", type=click.Choice(list(SCALE_DTYPES)), default=DEFAULT_SCALE_DTYPE,
+                 help="Precision of the KDS scales, in the model and in the -o file; "
+                      "float16 saves 16 bits per block (4.5 instead of 5 bits per weight at "
+                      "4 bits, block 32)."),
 )
 
 format_options = stack(grid_options, recipe_options)
@@ -237,6 +167,7 @@ backend_option = click.option(
     "(int8 weights x int8 BFP mantissas summed exactly; layers with a float input as exact) or exact "
     "(simulate in float64, rounded once to float32: what int equals bit for bit).",
 )
+# fmt: on
 
 
 def quant_options(o: dict) -> dict:
@@ -266,129 +197,83 @@ def config_from(o: dict, **options) -> QuantConfig:
     return quant_config(**{**quant_options(o), **options})
 
 
+# fmt: off
 calib_options = stack(
-    click.option(
-        "--calib",
-        type=InputFolder(),
-        default=None,
-        help="Folder of unlabelled images to calibrate on (any images, sub-folders too; labels ignored). "
-        "Images it shares with --data are left out of the evaluation.",
-    ),
-    click.option(
-        "--calib-images",
-        type=click.IntRange(min=1),
-        default=DEFAULT_CALIB_IMAGES,
-        help="How many calibration images, taken in turn from the sub-folders of --calib.",
-    ),
-    click.option(
-        "--act-search/--no-act-search",
-        default=False,
-        help="Give each layer the BFP mantissa bits and block size (at most --act-bits bits and "
-        "--act-block's bits per activation, exponents included) that keep its output closest on the "
-        "calibration images; before the refit.",
-    ),
-    click.option(
-        "--refit/--no-refit",
-        default=True,
-        help="Refit each layer's integers and scales to its output on the calibration images.",
-    ),
-    click.option(
-        "--refit-images",
-        type=click.IntRange(min=1),
-        default=DEFAULT_FIT_IMAGES,
-        help="Calibration images the refit and bias correction run on, all at once (memory: the "
-        "network's activations of that many images).",
-    ),
-    click.option(
-        "--bias-correction/--no-bias-correction",
-        default=False,
-        help="Give each quantized layer the float layer's mean output (adds a bias where none is).",
-    ),
-    click.option(
-        "--bn-reestimate/--no-bn-reestimate",
-        default=False,
-        help="Re-estimate BatchNorm statistics on the quantized network's activations.",
-    ),
-    click.option(
-        "--adapt-steps",
-        type=click.IntRange(min=0),
-        default=DEFAULT_STEPS,
-        help="Distillation steps: the float network teaches the quantized one (0: none).",
-    ),
-    click.option(
-        "--adapt-time",
-        type=click.FloatRange(min=0, min_open=True),
-        default=None,
-        help="Stop distillation after this many seconds  [default: no limit]",
-    ),
-    click.option(
-        "--adapt-weights",
-        type=click.Choice(WEIGHT_MODES),
-        default="fixed",
-        help="During distillation: fixed keeps the integers and trains only the float parts, ste "
-        "re-derives them through a straight-through estimator, learned learns each weight's "
-        "rounding down or up from the float weight (AdaRound).",
-    ),
+    click.option("--calib", type=InputFolder(), default=None,
+                 help="Folder of unlabelled images to calibrate on (any images, sub-folders too; labels ignored). "
+                      "Images it shares with --data are left out of the evaluation."),
+    click.option("--calib-images", type=click.IntRange(min=1), default=DEFAULT_CALIB_IMAGES,
+                 help="How many calibration images, taken in turn from the sub-folders of --calib."),
+    click.option("--act-search/--no-act-search", default=False,
+                 help="Give each layer the BFP mantissa bits and block size (at most --act-bits bits and "
+                      "--act-block's bits per activation, exponents included) that keep its output closest on the "
+                      "calibration images; before the refit."),
+    click.option("--refit/--no-refit", default=True,
+                 help="Refit each layer's integers and scales to its output on the calibration images."),
+    click.option("--refit-images", type=click.IntRange(min=1), default=DEFAULT_FIT_IMAGES,
+                 help="Calibration images the refit and bias correction run on, all at once (memory: the "
+                      "network's activations of that many images)."),
+    click.option("--bias-correction/--no-bias-correction", default=False,
+                 help="Give each quantized layer the float layer's mean output (adds a bias where none is)."),
+    click.option("--bn-reestimate/--no-bn-reestimate", default=False,
+                 help="Re-estimate BatchNorm statistics on the quantized network's activations."),
+    click.option("--adapt-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS,
+                 help="Distillation steps: the float network teaches the quantized one (0: none)."),
+    click.option("--adapt-time", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="Stop distillation after this many seconds  [default: no limit]"),
+    click.option("--adapt-weights", type=click.Choice(WEIGHT_MODES), default="fixed",
+                 help="During distillation: fixed keeps the integers and trains only the float parts, ste "
+                      "re-derives them through a straight-through estimator, learned learns each weight's "
+                      "rounding down or up from the float weight (AdaRound)."),
     click.option("--seed", type=int, default=0, help="Seed of the calibration's random choices."),
 )
+# fmt: on
+
+
+# The CalibConfig field each calibration option sets.
+CALIB_OPTIONS = {
+    "act_search": "act_search",
+    "refit": "refit",
+    "bias": "bias_correction",
+    "batchnorm": "bn_reestimate",
+    "adapt_steps": "adapt_steps",
+    "adapt_seconds": "adapt_time",
+    "adapt_weights": "adapt_weights",
+    "fit_images": "refit_images",
+    "seed": "seed",
+}
 
 
 def calib_config_from(o: dict) -> CalibConfig | None:
     """The CalibConfig the parsed calibration options describe (None without --calib)."""
     if not o["calib"]:
         return None
-    return CalibConfig(
-        act_search=o["act_search"],
-        refit=o["refit"],
-        bias=o["bias_correction"],
-        batchnorm=o["bn_reestimate"],
-        adapt_steps=o["adapt_steps"],
-        adapt_seconds=o["adapt_time"],
-        adapt_weights=o["adapt_weights"],
-        fit_images=o["refit_images"],
-        seed=o["seed"],
-    )
+    return CalibConfig(**{field: o[option] for field, option in CALIB_OPTIONS.items()})
 
 
+# fmt: off
 def data_options(required: bool):
     return stack(
-        click.option(
-            "--data",
-            "data",
-            type=InputFolder(),
-            required=required,
-            help="Labelled images: one sub-folder per class, or ImageNet val as Kaggle, the devkit or "
-            "torchvision lay it out (the layout is detected and named).",
-        ),
-        click.option(
-            "--classes",
-            type=InputPath(),
-            help="Text file of class names in the model's output order, one per line "
-            "(needed for wnid folders when not all 1000 are present, and for Kaggle's CSV).",
-        ),
-        click.option(
-            "--limit",
-            type=click.IntRange(min=1),
-            default=None,
-            help="Evaluate N images spread evenly over the data  [default: all]",
-        ),
+        click.option("--data", "data", type=InputFolder(), required=required,
+                     help="Labelled images: one sub-folder per class, or ImageNet val as Kaggle, the devkit or "
+                          "torchvision lay it out (the layout is detected and named)."),
+        click.option("--classes", type=InputPath(),
+                     help="Text file of class names in the model's output order, one per line "
+                          "(needed for wnid folders when not all 1000 are present, and for Kaggle's CSV)."),
+        click.option("--limit", type=click.IntRange(min=1), default=None,
+                     help="Evaluate N images spread evenly over the data  [default: all]"),
         click.option("--batch-size", type=click.IntRange(min=1), default=64),
-        click.option(
-            "-j",
-            "--workers",
-            type=click.IntRange(min=0),
-            default=DEFAULT_WORKERS,
-            help="Image decoding processes.",
-        ),
+        click.option("-j", "--workers", type=click.IntRange(min=0), default=DEFAULT_WORKERS,
+                     help="Image decoding processes."),
         click.option("--device", default="cpu", help="Where to evaluate: cpu, cuda, cuda:1, ..."),
-        click.option(
-            "--preset", help="Preprocessing preset (imagenet, efficientnet_lite0/1/2, cifar10)  [default: the model's]"
-        ),
+        click.option("--preset",
+                     help="Preprocessing preset (imagenet, efficientnet_lite0/1/2, cifar10)  [default: the model's]"),
         click.option("--resize", help="Override the preset's resize (shorter side, pixels)."),
         click.option("--crop", help="Override the preset's centre crop (pixels)."),
         click.option("--mean", help="Override the preset's mean, e.g. 0.485,0.456,0.406."),
         click.option("--std", help="Override the preset's std, e.g. 0.229,0.224,0.225."),
     )
+# fmt: on
 
 
 def preset_from(o: dict, model_preset: str | Preset) -> Preset:

@@ -11,6 +11,7 @@ from ..models import load_model
 from .options import OutputStem, calib_config_from, dataset_from, preset_from, stack
 
 
+# fmt: off  (an option list: one option in two or three lines, as in cli/options.py)
 def run_options(default_output: str):
     return stack(
         click.option(
@@ -34,6 +35,9 @@ def run_options(default_output: str):
             "for all of them); results are saved after every pass.",
         ),
     )
+
+
+# fmt: on
 
 
 def load_model_and_data(o: dict):
