@@ -226,27 +226,14 @@ def installed_dsq():
 SWEEP_LIMIT = 100  # images per sweep evaluation: enough to check the bookkeeping, small enough for 2 cores
 
 
+def sweep_command(resnet20: Path, cifar: Path, output: Path, per_pass: int = 2) -> list[str]:
+    """`dsq sweep` arguments for a 2 x 2 grid of ResNet-20 on SWEEP_LIMIT CIFAR-10 images, writing OUTPUT.*."""
+    grid = ["--bits", "2,4", "--block", "16,32", "--per-pass", str(per_pass)]
+    images = ["--limit", str(SWEEP_LIMIT), "--batch-size", str(SWEEP_LIMIT), "-j", "0"]
+    return ["sweep", str(resnet20), "--data", str(cifar), *grid, *images, "-q", "-o", str(output)]
+
+
 @pytest.fixture
 def sweep_args(resnet20, cifar, tmp_path):
-    """`dsq sweep` arguments for a 2 x 2 grid on SWEEP_LIMIT images, writing tmp_path/sw.*."""
-    return [
-        "sweep",
-        str(resnet20),
-        "--data",
-        str(cifar),
-        "--bits",
-        "2,4",
-        "--block",
-        "16,32",
-        "--limit",
-        str(SWEEP_LIMIT),
-        "--batch-size",
-        str(SWEEP_LIMIT),
-        "-j",
-        "0",
-        "-q",
-        "--per-pass",
-        "2",
-        "-o",
-        str(tmp_path / "sw"),
-    ]
+    """`sweep_command` writing tmp_path/sw.*."""
+    return sweep_command(resnet20, cifar, tmp_path / "sw")

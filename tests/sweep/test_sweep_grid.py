@@ -14,33 +14,15 @@ from dsq.evaluate import evaluate
 from dsq.models import load_model
 from dsq.sweep import Sweep
 
+from conftest import sweep_command
+
 pytestmark = pytest.mark.realdata
 
 
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory, resnet20, cifar):
     folder = tmp_path_factory.mktemp("sweep")
-    args = [
-        "sweep",
-        str(resnet20),
-        "--data",
-        str(cifar),
-        "--bits",
-        "2,4",
-        "--block",
-        "16,32",
-        "--limit",
-        "100",
-        "--batch-size",
-        "100",
-        "-j",
-        "0",
-        "-q",
-        "--per-pass",
-        "3",
-        "-o",
-        str(folder / "sw"),
-    ]
+    args = sweep_command(resnet20, cifar, folder / "sw", per_pass=3)
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     return result, folder
