@@ -26,6 +26,7 @@ from .artifact_check import DTYPE_BYTES, PACKED, SCALES, StoredTensor, check_rec
 from .artifact_check import layer_key as _key
 from .errors import DsqError
 from .fileio import atomic_path
+from .fingerprint import add_tensor
 from .formats import ActFormat, BlockLayout, WeightFormat, pack_weight, round_scales, scale_torch_dtype, unpack_weight
 from .nn import is_dsconv, is_trainable
 from .nn.dsconv import from_quantized
@@ -102,9 +103,7 @@ def checksum(recipe: dict, tensors: dict[str, torch.Tensor]) -> str:
         text = _canonical(recipe)
         h.update(f"{len(text)}|{text}".encode())
     for key in sorted(tensors):
-        t = tensors[key]
-        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        add_tensor(h, key, tensors[key])
     return h.hexdigest()
 
 
