@@ -8,3 +8,8 @@ class DsqError(ValueError):
 
 class DsqWarning(UserWarning):
     """Something a user likely did not mean (a glob that matches no layer, a converted model): one line."""
+
+
+def os_reason(error: OSError) -> str:
+    """Why a file operation failed, in the operating system's words ("No space left on device")."""
+    return error.strerror or str(error)

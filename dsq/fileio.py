@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .distributed import is_main
-from .errors import DsqError
+from .errors import DsqError, os_reason
 
 PathLike = str | os.PathLike
 
@@ -46,7 +46,7 @@ def check_writable(path: PathLike) -> Path:
         with _temp_file(target):
             pass
     except OSError as error:
-        raise DsqError(f"cannot write {path}: {_reason(error)}") from None
+        raise DsqError(f"cannot write {path}: {os_reason(error)}") from None
     return target
 
 
@@ -99,7 +99,7 @@ def atomic_path(path: PathLike):
             if is_main():
                 os.replace(tmp, target)
     except OSError as error:
-        raise DsqError(f"cannot write {path}: {_reason(error)}") from None
+        raise DsqError(f"cannot write {path}: {os_reason(error)}") from None
 
 
 @contextlib.contextmanager
@@ -133,10 +133,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # another user's process
         pass
     return True
-
-
-def _reason(error: OSError) -> str:
-    return error.strerror or str(error)
 
 
 def write_text(path: PathLike, text: str) -> None:

@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .errors import DsqError
+from .errors import DsqError, os_reason
 
 
 def add_tensor(digest, name: str, tensor: torch.Tensor) -> None:
@@ -48,7 +48,7 @@ def _file_facts(path: str, root: str) -> str:
     try:
         stat = os.stat(path)
     except OSError as error:
-        raise DsqError(f"cannot read image {path}: {error.strerror or error}; replace or remove the file") from None
+        raise DsqError(f"cannot read image {path}: {os_reason(error)}; replace or remove the file") from None
     return f"{os.path.relpath(path, root)}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}"
 
 

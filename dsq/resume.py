@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Sequence
 from torch import nn
 
 from .distributed import is_main
-from .errors import DsqError
+from .errors import DsqError, os_reason
 from .evaluate import evaluate_in_passes, spread_indices
 from .fileio import check_writable, write_csv, write_json
 from .fingerprint import images_digest, model_digest
@@ -130,7 +130,7 @@ def read_json_object(path: Path) -> dict:
         with open(path, "rb") as file:
             raw = file.read(MAX_FILE_BYTES + 1)
     except OSError as error:
-        raise DsqError(f"cannot read {path}: {error.strerror or error}: {ADVICE}") from None
+        raise DsqError(f"cannot read {path}: {os_reason(error)}: {ADVICE}") from None
     if len(raw) > MAX_FILE_BYTES:
         raise _damaged(path, f"larger than {MAX_FILE_BYTES >> 20} MiB")
     try:
@@ -234,7 +234,7 @@ def _open_lock(lock: Path) -> int:
     try:
         descriptor = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as error:
-        raise DsqError(f"cannot use the lock file {lock}: {error.strerror or error}; remove it") from None
+        raise DsqError(f"cannot use the lock file {lock}: {os_reason(error)}; remove it") from None
     facts = os.fstat(descriptor)
     if not stat.S_ISREG(facts.st_mode) or facts.st_nlink != 1:
         os.close(descriptor)

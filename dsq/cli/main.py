@@ -12,7 +12,7 @@ import click
 from .._version import __version__
 from ..allocator import reuse_freed_memory
 from ..distributed import main_process_speaks
-from ..errors import DsqError, DsqWarning
+from ..errors import DsqError, DsqWarning, os_reason
 from .demo import demo_command
 from .evaluate import eval_command
 from .inspect import inspect_command
@@ -54,7 +54,7 @@ def warnings_as_lines():
 
 def describe_os_error(error: OSError) -> str:
     """'FILE: reason' (one line) for a failed file operation."""
-    reason = error.strerror or str(error)
+    reason = os_reason(error)
     return f"{error.filename}: {reason}" if error.filename else reason
 
 
