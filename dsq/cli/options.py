@@ -112,7 +112,10 @@ model_options = stack(
     click.argument("model", type=InputPath()),
     click.option("--arch",
                  help="Architecture of a weights file, when its name does not say it "
-                      "(e.g. resnet50, cifar_resnet20, efficientnet_lite0)."),
+                      "(e.g. resnet50, cifar_resnet20, efficientnet_lite0, timm/convnext_atto)."),
+    click.option("--checkpoint", type=InputPath(),
+                 help="Weights of the model MODEL names (a .safetensors or .pth state_dict), "
+                      "e.g. timm/resnet50 --checkpoint model.safetensors."),
     click.option("--trust-pickle", is_flag=True, default=False,
                  help="Allow a full pickle checkpoint; it can run code, so only for files you trust."),
 )
@@ -267,7 +270,8 @@ def data_options(required: bool):
                      help="Image decoding processes."),
         click.option("--device", default="cpu", help="Where to evaluate: cpu, cuda, cuda:1, ..."),
         click.option("--preset",
-                     help="Preprocessing preset (imagenet, efficientnet_lite0/1/2, cifar10)  [default: the model's]"),
+                     help="Preprocessing preset (imagenet, efficientnet_lite0/1/2, cifar10, or timm/<model>: "
+                          "that timm model's)  [default: the model's]"),
         click.option("--resize", help="Override the preset's resize (shorter side, pixels)."),
         click.option("--crop", help="Override the preset's centre crop (pixels)."),
         click.option("--mean", help="Override the preset's mean, e.g. 0.485,0.456,0.406."),

@@ -51,7 +51,7 @@ def quantize_command(o):
             f"{o['model']} is already a quantized dsq model: evaluate it with `dsq eval`, "
             "look inside with `dsq inspect`, or quantize the float checkpoint instead"
         )
-    loaded = load_model(o["model"], o["arch"], o["trust_pickle"])
+    loaded = load_model(o["model"], o["arch"], o["trust_pickle"], o["checkpoint"])
     preset = preset_from(o, loaded.preset)
     dataset = dataset_from(o, preset)
     if dataset is not None:

@@ -44,7 +44,7 @@ def load_model_and_data(o: dict):
     """The model, the dataset, the settings that identify a run on them (for resuming), and
     the calibration (images and `dsq.calibrate` options; None without --calib), whose images
     are left out of the dataset."""
-    loaded = load_model(o["model"], o["arch"], o["trust_pickle"])
+    loaded = load_model(o["model"], o["arch"], o["trust_pickle"], o["checkpoint"])
     preset = preset_from(o, loaded.preset)
     dataset = dataset_from(o, preset)
     calibration, calib_settings = None, None

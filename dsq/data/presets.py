@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,6 +24,9 @@ INTERPOLATIONS = MappingProxyType(
 )
 
 
+CROP_MODES = ("center", "squash")
+OPTIONAL_FIELDS = ("interpolation", "crop_mode")  # fields a preset written by dsq may leave out
+
 MAX_SIDE = 1024  # pixels of a resize or crop: above any CNN classifier's input (<= 800), and a batch of 64
 # such 3-channel float images still fits in under 1 GB
 MAX_PIXELS = 4 * 2**20  # the most pixels an image may have after resizing, or uncropped without a resize
@@ -41,15 +45,17 @@ class _ToRGB:
 @dataclass(frozen=True)
 class _SizeCheck:
     """Refuses (DsqError) an image that the next steps would turn into more than MAX_PIXELS pixels:
-    one of an extreme aspect ratio (1x20000) resized, or a huge one neither resized nor cropped."""
+    one of an extreme aspect ratio (1x20000) resized on its shorter side, or a huge one neither
+    resized nor cropped."""
 
     resize: int | None
     crop: int | None
+    squash: bool = False
 
     def __call__(self, image: Image.Image) -> Image.Image:
         width, height = image.size
         short, long = sorted((width, height))
-        if self.resize is not None and self.resize * self.resize * long > MAX_PIXELS * short:
+        if self.resize is not None and not self.squash and self.resize * self.resize * long > MAX_PIXELS * short:
             raise DsqError(
                 f"its {width}x{height} pixels resized to {self.resize} on the shorter side would make "
                 f"over {MAX_PIXELS} pixels: crop it to a usual aspect ratio or remove it"
@@ -106,6 +112,7 @@ class Preset:
     """How images are prepared for a model: resize (shorter side), centre crop, then normalise.
 
     `resize` or `crop` None skips that step. `mean`/`std` are per RGB channel on the [0, 1] scale.
+    `crop_mode` "squash" (timm's) resizes both sides to `resize`, aspect ratio not kept.
     Values are validated and coerced on creation, so `replace(mean="0.5,0.5,0.5")` works.
     """
 
@@ -115,6 +122,7 @@ class Preset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    crop_mode: str = "center"
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -126,6 +134,8 @@ class Preset:
             raise DsqError(f"a preset's name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.interpolation, str) or self.interpolation not in INTERPOLATIONS:
             raise DsqError(f"unknown interpolation {self.interpolation!r}: use one of {', '.join(INTERPOLATIONS)}")
+        if self.crop_mode not in CROP_MODES:
+            raise DsqError(f"unknown crop mode {self.crop_mode!r}: use one of {', '.join(CROP_MODES)}")
 
     def replace(self, **changes) -> Preset:
         """A copy with some fields changed (None values are ignored, so CLI defaults pass through)."""
@@ -133,19 +143,23 @@ class Preset:
 
     def transform(self) -> transforms.Compose:
         """The torchvision transform: PIL image -> normalised float tensor (3, H, W), RGB."""
-        steps = [_ToRGB(), _SizeCheck(self.resize, self.crop)]
+        squash = self.crop_mode == "squash"
+        steps = [_ToRGB(), _SizeCheck(self.resize, self.crop, squash)]
         if self.resize is not None:
-            steps.append(
-                transforms.Resize(self.resize, interpolation=INTERPOLATIONS[self.interpolation], antialias=True)
-            )
+            size = (self.resize, self.resize) if squash else self.resize
+            steps.append(transforms.Resize(size, interpolation=INTERPOLATIONS[self.interpolation], antialias=True))
         if self.crop is not None:
             steps.append(transforms.CenterCrop(self.crop))
         steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
         return transforms.Compose(steps)
 
     def to_dict(self) -> dict:
-        """Plain JSON-ready fields; `Preset.from_dict` (or `Preset(**d)`) rebuilds it."""
-        return {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        """Plain JSON-ready fields; `Preset.from_dict` (or `Preset(**d)`) rebuilds it. The default
+        crop mode is left out, so a preset without one writes what dsq wrote before it had them."""
+        fields = {**dataclasses.asdict(self), "mean": list(self.mean), "std": list(self.std)}
+        if self.crop_mode == "center":
+            del fields["crop_mode"]
+        return fields
 
     @classmethod
     def from_dict(cls, fields, where: str = "the preset") -> Preset:
@@ -155,7 +169,7 @@ class Preset:
         if not isinstance(fields, Mapping):
             raise DsqError(f"{where} must be a mapping of {', '.join(names)}; got {type(fields).__name__}")
         unknown = sorted(set(map(str, fields)) - set(names))
-        missing = [name for name in names if name not in fields and name != "interpolation"]
+        missing = [name for name in names if name not in fields and name not in OPTIONAL_FIELDS]
         if unknown or missing:
             what = f"unknown field {unknown[0]!r}" if unknown else f"no {missing[0]!r} field"
             raise DsqError(f"{where} has {what}: a preset has the fields {', '.join(names)}")
@@ -165,6 +179,7 @@ class Preset:
             raise DsqError(f"{where}: {error}") from None
 
 
+TIMM_PREFIX = "timm/"  # names of timm models and of their presets
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _LITE_MEAN = (127 / 255,) * 3
@@ -185,8 +200,29 @@ PRESETS = MappingProxyType(
 
 
 def get_preset(name: str) -> Preset:
-    """The preset called `name`; DsqError listing the known names otherwise."""
+    """The preset called `name`: one of PRESETS, or `timm/<model>` (that timm model's own); DsqError
+    listing the known names otherwise."""
+    if name.strip().lower().startswith(TIMM_PREFIX):
+        return _timm_preset(name)
     try:
         return PRESETS[name]
     except KeyError:
-        raise DsqError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}") from None
+        raise DsqError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)} or timm/<model>") from None
+
+
+def _timm_preset(name: str) -> Preset:
+    """The preprocessing of timm's eval transform for a timm model, from its pretrained_cfg: resize
+    to crop / crop_pct, crop (centre, or squash), mean, std and interpolation."""
+    from ..models.timm_zoo import data_config  # imported here: timm loads only for its models
+
+    name, config = data_config(name)
+    crop = config["input_size"][-1]
+    return Preset(
+        name=name,
+        resize=math.floor(crop / config["crop_pct"]),
+        crop=crop,
+        mean=config["mean"],
+        std=config["std"],
+        interpolation=config["interpolation"],
+        crop_mode="squash" if config["crop_mode"] == "squash" else "center",  # timm's rare "border": centre
+    )

@@ -41,7 +41,9 @@ class Arch:
     `build(num_classes)` makes a float skeleton; `pretrained()` (None when there are no
     published weights) returns the published state_dict and its ImageNet top-1;
     `top1_of_file(name)` recognises a published weights file by its name; `adapt` drops
-    keys the skeleton deliberately lacks (e.g. training-only auxiliary heads).
+    keys the skeleton deliberately lacks (e.g. training-only auxiliary heads); `layout_of`
+    (None when there is one layout) picks, for an architecture that has several, the one a
+    state_dict is in (timm's re-parameterisable models: the training form or the fused one).
     """
 
     name: str
@@ -51,6 +53,12 @@ class Arch:
     pretrained: Callable[[], tuple[StateDict, float | None]] | None = None
     top1_of_file: Callable[[str], float | None] = _unknown_top1
     adapt: Callable[[StateDict], StateDict] = _unchanged
+    layout_of: Callable[[StateDict], Arch] | None = None
+    classifier: str | None = None  # state_dict key of the classifier's weight, if not the last Linear/Conv2d's
+
+    def fitting(self, state_dict: StateDict) -> Arch:
+        """This architecture in the layout `state_dict` is in."""
+        return self if self.layout_of is None else self.layout_of(state_dict)
 
     def probe(self, num_classes: int) -> nn.Module:
         """The architecture with its weights on the meta device: names and shapes without memory,

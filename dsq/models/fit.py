@@ -18,7 +18,7 @@ def build_for(arch: Arch, state_dict: StateDict, source: str) -> tuple[nn.Module
     """`arch` with the weights of `state_dict` and as many classes as its classifier has, and that
     number; the fit is checked on the meta device first, so a misfit allocates nothing."""
     probe = arch.probe(arch.num_classes)
-    key = classifier_key(probe)
+    key = arch.classifier or classifier_key(probe)
     weight = state_dict.get(key)
     num_classes = arch.num_classes if weight is None or weight.ndim < 2 else weight.shape[0]
     if num_classes < 1:
@@ -64,5 +64,6 @@ def check_fit(expected: StateDict, state_dict: StateDict, source: str, arch_name
     problems = [f"{len(items)} {what} (e.g. {items[0]})" for what, items in found.items() if items]
     if problems:
         raise DsqError(
-            f"weights in {source} do not fit architecture {arch_name}: {', '.join(problems)}; pass the right --arch"
+            f"weights in {source} do not fit architecture {arch_name}: {', '.join(problems)}; "
+            "pass the right --arch or model name"
         )

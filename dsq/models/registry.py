@@ -9,10 +9,10 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import DsqError
-from . import cifar_resnet, efficientnet_lite, torchvision_zoo
+from . import cifar_resnet, efficientnet_lite, timm_zoo, torchvision_zoo
 from .arch import Arch
 
-EXAMPLES = "resnet50, mobilenet_v2, cifar_resnet20, efficientnet_lite0"
+EXAMPLES = "resnet50, mobilenet_v2, cifar_resnet20, efficientnet_lite0, timm/<model>"
 
 
 def known_archs() -> list[str]:
@@ -31,7 +31,10 @@ def _canonical() -> dict[str, str]:
 
 
 def find_arch(name: str) -> Arch | None:
-    """The architecture called `name` (case, `-`/`_` and aliases tolerated), or None."""
+    """The architecture called `name` (case, `-`/`_` and aliases tolerated; timm's models as
+    `timm/<model>`), or None."""
+    if timm_zoo.is_timm_name(name):
+        return timm_zoo.find(name)
     canonical = _canonical().get(_normalise(name))
     if canonical is None:
         return None
@@ -41,6 +44,8 @@ def find_arch(name: str) -> Arch | None:
 
 def suggest(name: str) -> str:
     """'; did you mean ...?' naming close known architectures, or a few examples."""
+    if timm_zoo.is_timm_name(name):
+        return timm_zoo.suggest(name)
     close = difflib.get_close_matches(_normalise(name), list(_canonical()), n=3, cutoff=0.6)
     if close:
         return f"; did you mean {', '.join(dict.fromkeys(_canonical()[c] for c in close))}?"
