@@ -4,6 +4,7 @@
     qmodel, report = dsq.quantize(model, bits=4, block=32)  # or dsq.quantize(model, dsq.QuantConfig(...))
     dsq.calibrate(model, qmodel, report, images)     # optional: unlabelled images (N, 3, H, W)
     dsq.save("model.dsq", qmodel, report, arch="resnet50")
+    dsq.export(qmodel, "model.onnx", images[:1])     # or "model.pth": a plain torch state_dict
     qmodel, recipe = dsq.load("model.dsq")
 
 `import dsq` is light: torch and the rest load on first use of these names (PEP 562), so the
@@ -24,6 +25,7 @@ _LAZY = {
     "calibrate": ".calibration",
     "load": ".artifact",
     "save": ".artifact",
+    "export": ".exporters",
     "DsqError": ".errors",
 }
 

@@ -22,15 +22,20 @@ from .errors import DsqError
 
 @dataclass
 class Accuracy:
-    """Accuracy of one model: top-1/top-5 in percent, images seen, seconds spent in the model."""
+    """Accuracy of one model: top-1/top-5 in percent, images seen, seconds spent in the model, and
+    the percentage of images whose top-1 prediction equals the first evaluated model's."""
 
     top1: float
     top5: float
     images: int
     seconds: float
+    agreement: float = 100.0
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """What result files keep: all but `agreement`, which depends on the models evaluated with it."""
+        fields = dataclasses.asdict(self)
+        del fields["agreement"]
+        return fields
 
 
 def _whole(value) -> bool:
@@ -157,6 +162,7 @@ def evaluate(
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, pin_memory=resolved.type == "cuda")
     top1 = dict.fromkeys(models, 0)
     top5 = dict.fromkeys(models, 0)
+    agree = dict.fromkeys(models, 0)
     seconds = dict.fromkeys(models, 0.0)
     seen = 0
     training = {name: model.training for name, model in models.items()}
@@ -190,10 +196,13 @@ def evaluate(
                             torch.cuda.synchronize(resolved)
                         return logits, time.perf_counter() - start
 
+                reference = None
                 for name, (logits, spent) in zip(models, run_all(forward, models)):
                     seconds[name] += spent
                     _check_logits(name, logits, labels)
                     best = logits.topk(min(5, logits.shape[1]), dim=1).indices
+                    reference = best[:, 0] if reference is None else reference
+                    agree[name] += int((best[:, 0] == reference).sum())
                     hits = best == labels[:, None]
                     top1[name] += int(hits[:, 0].sum())
                     top5[name] += int(hits.any(dim=1).sum())
@@ -203,11 +212,11 @@ def evaluate(
     finally:
         for name, model in models.items():
             model.train(training[name])
-    counts = torch.tensor([[top1[n], top5[n], seen, seconds[n]] for n in models], dtype=torch.float64)
+    counts = torch.tensor([[top1[n], top5[n], seen, seconds[n], agree[n]] for n in models], dtype=torch.float64)
     totals = distributed.sum_over_processes(counts.to(resolved)).cpu().tolist()
     return {
-        name: Accuracy(100 * hits1 / total, 100 * hits5 / total, int(total), secs)
-        for name, (hits1, hits5, total, secs) in zip(models, totals)
+        name: Accuracy(100 * hits1 / total, 100 * hits5 / total, int(total), secs, 100 * same / total)
+        for name, (hits1, hits5, total, secs, same) in zip(models, totals)
     }
 
 

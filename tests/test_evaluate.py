@@ -65,6 +65,8 @@ def test_exact_top1_top5():
     assert (result["sixth"].top1, result["sixth"].top5) == (0.0, 0.0)
     assert (result["always3"].top1, result["always3"].top5) == (10.0, 50.0)
     assert all(a.images == 50 and a.seconds >= 0 for a in result.values())
+    # the first model is the reference: "always3" predicts what the oracle does for the 5 images labelled 3
+    assert [a.agreement for a in result.values()] == [100.0, 0.0, 0.0, 10.0]
     assert result["oracle"].to_dict() == {
         "top1": 100.0,
         "top5": 100.0,
@@ -224,7 +226,7 @@ def test_real_cifar_subset_with_constant_model(cifar):
 
 
 def test_accuracy_is_plain_data():
-    assert Accuracy(1.0, 2.0, 3, 0.5).to_dict() == {"top1": 1.0, "top5": 2.0, "images": 3, "seconds": 0.5}
+    assert Accuracy(1.0, 2.0, 3, 0.5, 90.0).to_dict() == {"top1": 1.0, "top5": 2.0, "images": 3, "seconds": 0.5}
 
 
 def test_every_device_matches_cpu(device):

@@ -15,6 +15,7 @@ from ..distributed import main_process_speaks
 from ..errors import DsqError, DsqWarning, os_reason
 from .demo import demo_command
 from .evaluate import eval_command
+from .export import export_command
 from .inspect import inspect_command
 from .interrupt import exit_interrupted
 from .quantize import quantize_command
@@ -64,7 +65,16 @@ def cli():
     """dsq: DSConv post-training quantization of CNNs (low-bit VQK weights, KDS scales, BFP inputs)."""
 
 
-for command in (quantize_command, eval_command, inspect_command, demo_command, sweep_command, sensitivity_command):
+COMMANDS = (
+    quantize_command,
+    eval_command,
+    export_command,
+    inspect_command,
+    demo_command,
+    sweep_command,
+    sensitivity_command,
+)
+for command in COMMANDS:
     cli.add_command(command)
 
 

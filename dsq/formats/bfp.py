@@ -17,14 +17,24 @@ from .blocks import blocked, unblocked
 from .spec import ActFormat
 
 
+def floor_log2(peak: torch.Tensor) -> torch.Tensor:
+    """floor(log2(peak)) for finite peak > 0, exactly, as floats, with ops that every exporter knows
+    (torch.export, both torch.onnx exporters, ONNX itself: no frexp, no exp2). log2 may round
+    across a power of two either way; one comparison each way against the exact 2^e puts it back."""
+    e = torch.floor(torch.log2(peak))
+    e = e - (torch.pow(2.0, e) > peak).to(e.dtype)
+    return e + (torch.pow(2.0, e + 1) <= peak).to(e.dtype)
+
+
 def _block_scales(xb: torch.Tensor, dim: int, bits: int) -> torch.Tensor:
-    """Per-block power-of-two step s (keepdim over the block axis `dim`)."""
+    """Per-block power-of-two step s (keepdim over the block axis `dim`); a block of zeros (or of
+    NaN or infinity) takes e = -1."""
     if not xb.is_floating_point():
         raise DsqError(f"block floating point needs float activations, got {str(xb.dtype).removeprefix('torch.')}")
     peak = xb.abs().amax(dim=dim, keepdim=True)
-    _, e = torch.frexp(peak)  # peak = f * 2^e with f in [0.5, 1): floor(log2 peak) = e - 1
+    e = floor_log2(peak).where(torch.isfinite(peak) & (peak > 0), -1.0)
     finfo = torch.finfo(xb.dtype)
-    return torch.exp2((e - (bits - 1)).to(xb.dtype)).clamp_min_(finfo.smallest_normal * finfo.eps)
+    return torch.pow(2.0, e - (bits - 2)).clamp_min_(finfo.smallest_normal * finfo.eps)
 
 
 def _mantissas(x: torch.Tensor, fmt: ActFormat, dim: int) -> tuple[torch.Tensor, torch.Tensor]:

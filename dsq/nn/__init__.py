@@ -13,7 +13,7 @@ from .dsconv import (
     to_dsconv,
 )
 from .int_plan import INT_KERNELS
-from .train import WEIGHT_MODES, freeze, is_trainable, make_trainable, parameter_groups
+from .train import WEIGHT_MODES, freeze, frozen_layers, is_trainable, make_trainable, parameter_groups
 
 __all__ = [
     "BACKENDS",
@@ -30,6 +30,7 @@ __all__ = [
     "WEIGHT_MODES",
     "make_trainable",
     "freeze",
+    "frozen_layers",
     "is_trainable",
     "parameter_groups",
 ]

@@ -51,8 +51,8 @@ class DSConvMixin:
             return IntWeight(self) if self.runs_int else ExactWeight(self)
         trained = weight_parameter(self)  # a trainable layer's latent or rounding (dsq.nn.train)
         sources = (self.vqk, self.kds) if trained is None else (self.vqk, self.kds, trained)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
-            return self._dequantized(trained)  # training: differentiable, never cached
+        if _tracing() or (torch.is_grad_enabled() and any(t.requires_grad for t in sources)):
+            return self._dequantized(trained)  # traced or training: computed from VQK and KDS, never cached
         key = tuple((id(t), t.data_ptr(), t._version) for t in sources) + (self.kds.dtype,)
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self._dequantized(trained))
@@ -68,7 +68,7 @@ class DSConvMixin:
         training, the gradient passes straight through the rounding to earlier layers."""
         if self.act_format is None:
             return x
-        if x.requires_grad and torch.is_grad_enabled():
+        if x.requires_grad and torch.is_grad_enabled() and not _tracing():
             return bfp_straight_through(x, self.act_format, self.act_dim)
         return bfp_quantize(x, self.act_format, self.act_dim)
 
@@ -211,6 +211,13 @@ def set_backend(model: nn.Module, backend: str, kernel: str = "auto") -> list[st
         m.backend, m.int_kernel = backend, kernel
         m._cache = None  # the int and exact backends need no float32 weight
     return [name for name, m in layers.items() if m.runs_int]
+
+
+def _tracing() -> bool:
+    """Whether torch.export, torch.compile or torch.jit.trace is recording the forward: the graph
+    must hold the dequantization itself (VQK and KDS, not a cached float copy of the weight), and
+    a tracer's fake tensors have no data pointer to key a cache on."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing()
 
 
 def check_backend(backend: str) -> None:

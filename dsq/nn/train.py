@@ -63,6 +63,15 @@ def _dsconv_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+def frozen_layers(model: nn.Module, action: str) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of every DSConv layer of `model`, for `action` (e.g. "exporting it") that
+    needs them frozen; DsqError when there is none or the model is trainable."""
+    layers = _dsconv_layers(model)
+    if any(trainable_mode(m) for _, m in layers):
+        raise DsqError(f"the model is trainable (dsq.nn.make_trainable): dsq.nn.freeze(model) before {action}")
+    return layers
+
+
 def _qualified(name: str, leaf: str) -> str:
     return f"{name}.{leaf}" if name else leaf
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dsq.formats import ActFormat, bfp_encode, bfp_quantize, unblocked
+from dsq.formats.bfp import floor_log2
 
 from zoo import ref_bfp
 
@@ -182,3 +183,31 @@ def test_bfp_refuses_non_float_activations(dtype, one_line_dsq_error):
     x = torch.ones(1, 4, 2, 2, dtype=dtype)
     one_line_dsq_error(bfp_quantize, x, ActFormat())
     one_line_dsq_error(bfp_encode, x, ActFormat())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_floor_log2_is_exact_at_every_power_of_two(dtype):
+    """floor_log2 (log2, corrected against exact powers of two; no frexp, so exporters know it)
+    equals frexp's exponent minus one at every power of two of the dtype, subnormals included,
+    and at both neighbours of each."""
+    finfo = torch.finfo(dtype)
+    smallest = int(math.log2(finfo.smallest_normal * finfo.eps))
+    largest = int(math.log2(finfo.max))
+    powers = torch.ldexp(torch.ones((), dtype=torch.float64), torch.arange(smallest, largest + 1)).to(dtype)
+    below = torch.nextafter(powers, torch.zeros((), dtype=dtype))
+    above = torch.nextafter(powers, torch.full((), float("inf"), dtype=dtype))
+    peaks = torch.cat([powers, below, above, torch.rand(10_000, dtype=torch.float64).to(dtype) * 1e3])
+    peaks = peaks[torch.isfinite(peaks) & (peaks > 0)]
+    _, exponent = torch.frexp(peaks)
+    assert torch.equal(floor_log2(peaks), (exponent - 1).to(dtype))
+
+
+def test_bfp_traces_without_frexp():
+    """The rounding exports: torch.export's graph holds no frexp (which torch.onnx cannot translate)."""
+
+    class Rounding(torch.nn.Module):
+        def forward(self, x):
+            return bfp_quantize(x, ActFormat(8, 16), 1)
+
+    program = torch.export.export(Rounding(), (torch.randn(2, 24, 3, 3),))
+    assert not any("frexp" in str(node.target) for node in program.graph.nodes)
