@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -106,7 +107,10 @@ def to_onnx(
         _finish(model, {name: m for name, m in layers})
     if metadata:
         helper.set_model_props(model, {METADATA_PREFIX + key: json.dumps(value) for key, value in metadata.items()})
-    onnx.checker.check_model(model, full_check=True)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise DsqError(f"export made an invalid ONNX graph ({_last_line(error)}); report this as a dsq bug") from None
     return model
 
 
@@ -123,10 +127,11 @@ def _finish(model: onnx.ModelProto, layers: dict[str, nn.Module]) -> None:
     graph = model.graph
     initializers = {t.name: t for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
+    uses = Counter(name for node in graph.node for name in node.input)
     nodes, dropped = [], set()
     for node in graph.node:
         if node.domain == DOMAIN and node.op_type == "BlockDequantize":
-            nodes.extend(_dequantize_nodes(node, initializers, producers, layers, dropped))
+            nodes.extend(_dequantize_nodes(node, initializers, (producers, uses), layers, dropped))
         else:
             nodes.append(node)
     _replace_nodes(graph, [n for n in nodes if id(n) not in dropped], keep=set(initializers))
@@ -147,6 +152,8 @@ def _replace_nodes(graph: onnx.GraphProto, nodes: list[onnx.NodeProto], keep: se
     (numbered instead; the graph's inputs and outputs and the names in `keep` stay)."""
     kept = [onnx.NodeProto.FromString(n.SerializeToString()) for n in nodes]
     named = {v.name for v in (*graph.input, *graph.output)} | keep
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in kept for a in n.attribute):
+        named |= {v for n in kept for v in (*n.input, *n.output)}  # subgraphs may name outer values: keep all
     short: dict[str, str] = {}
 
     def rename(value: str) -> str:
@@ -170,29 +177,29 @@ def _replace_initializers(graph: onnx.GraphProto, tensors: list[onnx.TensorProto
     graph.initializer.extend(kept)
 
 
-def _constant(name: str, initializers: dict, producers: dict, dropped: set) -> np.ndarray:
-    """The value of `name`: an initializer, or a Reshape of one by a constant shape (which is
-    folded: the Reshape node is dropped)."""
+def _constant(name: str, initializers: dict, graph_uses: tuple[dict, Counter], dropped: set) -> np.ndarray:
+    """The value of `name`: an initializer, a Constant node's, or a Reshape of one by a constant
+    shape. A node whose only consumer was the dequantization is dropped (it is folded)."""
+    producers, uses = graph_uses
     if name in initializers:
         return numpy_helper.to_array(initializers[name])
     node = producers.get(name)
+    if node is not None and node.op_type in ("Reshape", "Constant") and uses[name] == 1:
+        dropped.add(id(node))
     if node is not None and node.op_type == "Reshape":
-        data = _constant(node.input[0], initializers, producers, dropped)
-        shape = _constant(node.input[1], initializers, producers, dropped)
-        dropped.add(id(node))
-        return data.reshape(shape)
+        data = _constant(node.input[0], initializers, graph_uses, dropped)
+        return data.reshape(_constant(node.input[1], initializers, graph_uses, dropped))
     if node is not None and node.op_type == "Constant":
-        dropped.add(id(node))
         return numpy_helper.to_array(node.attribute[0].t)
     raise DsqError(f"export: {name!r} feeds a dequantization but is not a constant; report this as a dsq bug")
 
 
-def _dequantize_nodes(node, initializers, producers, layers, dropped) -> list[onnx.NodeProto]:
+def _dequantize_nodes(node, initializers, graph_uses, layers, dropped) -> list[onnx.NodeProto]:
     """The DequantizeLinear (and the Cast of float16 scales) for one placeholder node."""
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     name, bits = attributes["layer"].decode(), attributes["bits"]
-    codes = _constant(node.input[0], initializers, producers, dropped).astype(np.int8)
-    scales = _constant(node.input[1], initializers, producers, dropped).astype(np.float32)
+    codes = _constant(node.input[0], initializers, graph_uses, dropped).astype(np.int8)
+    scales = _constant(node.input[1], initializers, graph_uses, dropped).astype(np.float32)
     codes_tensor = _codes_tensor(f"{name}.vqk", codes, bits)
     initializers[codes_tensor.name] = codes_tensor
     kds_name, nodes = f"{name}.kds", []
