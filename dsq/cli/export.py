@@ -17,7 +17,6 @@ DEFAULT_TRACE_SIDE = 32  # for presets that take images as they come (CIFAR-10's
 @click.command("export")
 @click.argument("model", type=InputPath(dir_okay=False))
 @click.option("-o", "--output", type=OutputFile(), required=True, help="The file to write (.onnx or .pth).")
-# fmt: off
 @click.option(
     "--format",
     "format_",
@@ -36,9 +35,9 @@ DEFAULT_TRACE_SIDE = 32  # for presets that take images as they come (CIFAR-10's
     "--input-size",
     type=click.IntRange(1, 1024),
     default=None,
-    help="Side of the square images the ONNX graph is traced with  [default: the preset's crop or resize]",
+    help="Side of the square images the ONNX graph is traced with (height and width stay dynamic where the "
+    f"model allows)  [default: the preset's crop or resize, else {DEFAULT_TRACE_SIDE}]",
 )
-# fmt: on
 @pass_options
 def export_command(o):
     """Export MODEL (a quantized dsq file) to run elsewhere: ONNX for onnxruntime, or .pth for torch."""
