@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -c "from dsq.nn.int_kernel import cpu_kernel_available; cpu_kernel_available()"  # compile the CPU kernel once
 	touch $@
 
 demo: $(STAMP)
@@ -33,6 +34,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quantize_time.py
 	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/eval_efficiency.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -27,16 +27,15 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torchvision
-from torch.ao.quantization import get_default_qconfig_mapping
-from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torch.profiler import ProfilerActivity, profile
 
 import dsq
+from dsq.bench import interleaved_times, machine, torch_int8
 from dsq.fileio import write_csv, write_json
 from dsq.formats import ActFormat, WeightFormat
 from dsq.nn import int_kernel, set_backend, to_dsconv
 
-from common import interleaved_times, print_table
+from common import print_table
 
 BACKENDS = ("float32", "simulate", "int", "x86 int8")
 
@@ -147,15 +146,6 @@ def x86_layer(conv: nn.Conv2d, x: torch.Tensor):
     return q, lambda: q(torch.quantize_per_tensor(x, x_scale, 0, torch.quint8)).dequantize()
 
 
-def x86_network(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        prepared = prepare_fx(copy.deepcopy(model), get_default_qconfig_mapping("x86"), (x,))
-        with torch.inference_mode():
-            prepared(x)
-        return convert_fx(prepared)
-
-
 def measure(models: dict[str, nn.Module], calls: dict, repeats: int) -> dict[str, tuple[float, int, int]]:
     """(median seconds, weight bytes held, peak bytes) of every backend, timed side by side."""
     with torch.inference_mode():
@@ -224,7 +214,7 @@ def network_records(args) -> list[dict]:
     records = []
     for batch in args.network_batches:
         x = torch.randn(batch, 3, args.size, args.size)
-        models = dict(zip(BACKENDS, (model, simulated, integer, x86_network(model, x))))
+        models = dict(zip(BACKENDS, (model, simulated, integer, torch_int8(model, x))))
         calls = {k: (lambda m=m: m(x)) for k, m in models.items()}
         gmac = sum(macs(m, a) for m, a in model_inputs(model, x).items()) / 1e9
         label = f"ResNet-50 ({args.size}x{args.size})"
@@ -311,7 +301,7 @@ def main():
         "size": args.size,
         "repeats": args.repeats,
         "threads": args.threads,
-        "cpu": cpu_name(),
+        "cpu": machine()["cpu"],
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "int_kernel": int_kernel.cpu_kernel_available(),
         "torch": torch.__version__,
@@ -332,14 +322,6 @@ def main():
     print("\nweights held MiB / peak MiB during one forward, (Nx) = ratio to float32\n")
     print_table(["layer", "batch", *BACKENDS], [memory_cells(r) for r in records])
     write_results(args.out, meta, records)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        return ""
 
 
 if __name__ == "__main__":

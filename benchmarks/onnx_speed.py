@@ -14,16 +14,17 @@ import json
 import os
 import platform
 import tempfile
-import warnings
+from pathlib import Path
 
 import onnxruntime as ort
 import torch
 import torchvision
 
 import dsq
+from dsq.bench import export_float_onnx, interleaved_times
 from dsq.exporters.onnx_runtime import session
 
-from common import interleaved_times, print_table
+from common import print_table
 
 
 def main() -> None:
@@ -38,9 +39,7 @@ def main() -> None:
     x = torch.randn(2, 3, 224, 224)
     folder = tempfile.mkdtemp()
     paths = {name: os.path.join(folder, f"{name}.onnx") for name in ("float", "dsq W4 A8", "dsq W4 weights only")}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), paths["float"], dynamo=True, dynamic_shapes=({0: torch.export.Dim.AUTO},))
+    export_float_onnx(model, x, Path(paths["float"]))
     dsq.export(qmodel, paths["dsq W4 A8"], x)
     dsq.export(qmodel, paths["dsq W4 weights only"], x, weights_only=True)
     plain = ort.SessionOptions()

@@ -8,8 +8,9 @@ import torch
 import torchvision
 
 import dsq
+from dsq.bench import interleaved_times
 
-from common import interleaved_times, print_table
+from common import print_table
 
 
 def main():

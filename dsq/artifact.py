@@ -27,6 +27,7 @@ from .artifact_check import layer_key as _key
 from .errors import DsqError
 from .fileio import atomic_path
 from .fingerprint import add_tensor
+from .finite import all_finite
 from .formats import ActFormat, BlockLayout, WeightFormat, pack_weight, round_scales, scale_torch_dtype, unpack_weight
 from .nn import is_dsconv, is_trainable
 from .nn.dsconv import from_quantized
@@ -281,7 +282,7 @@ def _read_tensors(path, recipe: dict) -> dict[str, torch.Tensor]:
         what = "recipe and tensors do" if recipe["format_version"] >= 2 else "tensors do"
         raise DsqError(f"{path} is damaged: its {what} not match the checksum in its recipe")
     for key, t in tensors.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise DsqError(f"{path} is damaged: tensor {key} holds NaN or infinite values")
     return tensors
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import QuantConfig, quant_config
 from .errors import DsqError, DsqWarning
+from .finite import all_finite
 from .formats import WeightFormat, round_scales
 from .metrics import state_bytes
 from .nn import check_backend, layer_kind, set_backend, to_dsconv
@@ -84,7 +85,7 @@ def quantize(
             report.layers.append(layer_row(name, module.weight, module, note=note))
             continue
         folded = _fold_weight_reparametrization(module)
-        w = module.weight.detach().clone()
+        w = module.weight.detach()  # the float weight, which to_dsconv replaces and leaves as it is
         act = config.act if (name != image_conv or config.quantize_image_input) else None
         to_dsconv(module, fmt, act)
         module.kds.copy_(round_scales(module.kds, fmt.scale_dtype, f"layer {name!r}"))
@@ -130,7 +131,7 @@ def _check_tensor(name: str, tensor: torch.Tensor) -> None:
         raise DsqError(f"{name} is uninitialised (a lazy layer): run the model once on a real input first")
     if tensor.is_meta:
         raise DsqError(f"{name} is on the meta device and holds no values: load the model's weights first")
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise DsqError(
             f"{name} holds NaN or Inf values, so no accuracy claim about the model would mean "
             "anything: fix or retrain the model first"

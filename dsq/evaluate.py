@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .errors import DsqError
+from .prefetch import prefetched
 
 
 @dataclass
@@ -73,8 +74,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def _batches(loader: DataLoader):
-    """Iterate `loader`, turning loading failures (also from worker processes) into one-line DsqErrors."""
-    batches = iter(loader)
+    """Iterate `loader`, turning loading failures (also from worker processes) into one-line
+    DsqErrors; without worker processes, a thread loads the next batch while the caller works."""
+    batches = prefetched(loader) if loader.num_workers == 0 else iter(loader)
     try:
         yield from batches
         return

@@ -15,8 +15,10 @@ def sqnr_db(signal: float, noise: float) -> float:
 
 def weight_error(w: torch.Tensor, wq: torch.Tensor) -> tuple[float, float]:
     """Weight SQNR in dB and relative L2 error."""
-    signal = w.double().pow(2).sum().item()
-    noise = (w.double() - wq.double()).pow(2).sum().item()
+    wd = w.double()
+    difference = wd - wq  # wq promoted to float64, as wq.double() would be
+    noise = difference.square_().sum().item()
+    signal = torch.square(wd, out=difference).sum().item()  # in the difference's memory
     rel = math.sqrt(noise / signal) if signal else 0.0
     return sqnr_db(signal, noise), rel
 

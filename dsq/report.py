@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import LayerRule, QuantConfig
 from .errors import DsqError
 from .evaluate import Accuracy
 from .fileio import atomic_path
 from .quant_report import QuantReport
+
+if TYPE_CHECKING:
+    from .bench import BenchResult
 
 MIB = 2**20
 
@@ -96,6 +100,47 @@ def accuracy_table(results: dict[str, Accuracy]) -> str:
         drop = "" if name == names[0] else f"{a.top1 - base.top1:+.2f}"
         rows.append([name, f"{a.top1:.2f}", f"{a.top5:.2f}", drop, str(a.images)])
     return _table(["model", "top-1 %", "top-5 %", "top-1 change", "images"], rows)
+
+
+# ---- dsq bench -------------------------------------------------------------------------------
+
+
+def bench_table(result: BenchResult) -> str:
+    """One row per runtime and batch size: images per second, the ratio to float32's at that
+    batch size, the peak memory, and why a cell is empty."""
+    rows = []
+    for r in result.rows:
+        rate, ratio = r.images_per_second, result.vs_float32(r)
+        rows.append(
+            [
+                r.runtime,
+                str(r.batch),
+                "-" if rate is None else f"{rate:.1f}",
+                "-" if ratio is None else f"{ratio:.2f}x",
+                "-" if r.peak_bytes is None else f"{r.peak_bytes / MIB:.1f}",
+                r.note,
+            ]
+        )
+    return _table(["runtime", "batch", "images/s", "vs float32", "peak MiB", "note"], rows)
+
+
+def bench_summary(result: BenchResult) -> str:
+    """The machine and the settings of a benchmark, and how its peak memory was measured."""
+    m, s = result.machine, result.settings
+    flags = ", ".join(f"{flag} {'yes' if has else 'no'}" for flag, has in m["cpu_flags"].items())
+    lines = [
+        f"cpu: {m['cpu']}, {m['cores']} cores ({flags}); torch {m['torch']} ({m['torch_cpu_capability']}), "
+        f"onnxruntime {m['onnxruntime'] or 'not installed'}",
+        f"{s['threads']} thread{'s' * (s['threads'] != 1)}, images 3x{s['side']}x{s['side']}, median of "
+        f"{s['repeats']} interleaved runs after {s['warmup']} warmup; load average "
+        f"{m['load_average_before'][0]:.2f} before, {m['load_average_after'][0]:.2f} after",
+    ]
+    if s["memory"]:
+        lines.append(
+            "peak MiB: the resident memory that a fresh process gains loading the runtime alone and running "
+            "one forward (docs/bench.md)"
+        )
+    return "\n".join(lines)
 
 
 # ---- dsq files: recipe and size accounting ---------------------------------------------------

@@ -1,4 +1,5 @@
 import multiprocessing
+import threading
 
 import pytest
 import torch
@@ -202,6 +203,56 @@ def test_worker_error_stays_one_line(tmp_path):
         evaluate({"m": nn.Flatten()}, ds, workers=1, progress=False)
     assert one_line(error).startswith(f"cannot read image {tmp_path / 'bad.jpg'}")
     assert not multiprocessing.active_children()  # the worker was stopped, not left for a late gc
+
+
+def png_images(folder, count, bad=None):
+    """LabelledImages of `count` 4x4 PNGs in `folder`, image `bad` an undecodable file."""
+    from PIL import Image
+
+    for i in range(count):
+        path = folder / f"{i:03d}.png"
+        if i == bad:
+            path.write_bytes(b"garbage")
+        else:
+            Image.new("RGB", (4, 4), (i, i, i)).save(path)
+    samples = [(str(folder / f"{i:03d}.png"), 0) for i in range(count)]
+    return LabelledImages(samples, ["x"], get_preset("cifar10").transform(), source=str(folder), layout="test")
+
+
+class Counting(nn.Module):
+    """Counts the images it sees; raises `error` on batch `fail_at` (0-based) when given."""
+
+    def __init__(self, fail_at=None, error=None):
+        super().__init__()
+        self.seen, self.batches, self.fail_at, self.error = 0, 0, fail_at, error
+
+    def forward(self, x):
+        if self.batches == self.fail_at:
+            raise self.error
+        self.seen += len(x)
+        self.batches += 1
+        return torch.zeros(len(x), 2)
+
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "dsq-prefetch"]
+
+
+def test_a_loading_failure_in_the_prefetching_thread_stays_one_line(tmp_path):
+    """Without workers a thread loads the next batch: a failure there reaches the caller as one line,
+    in its place (the batches before it were evaluated), and the thread is gone."""
+    model = Counting()
+    with pytest.raises(DsqError) as error:
+        evaluate({"m": model}, png_images(tmp_path, 30, bad=20), batch_size=8, workers=0, progress=False)
+    assert one_line(error).startswith(f"cannot read image {tmp_path / '020.png'}")
+    assert model.seen == 16 and not prefetch_threads()
+
+
+def test_a_model_failure_stops_the_prefetching_thread(tmp_path):
+    model = Counting(fail_at=1, error=RuntimeError("DefaultCPUAllocator: can't allocate memory"))
+    with pytest.raises(DsqError, match="out of memory running model 'm'"):
+        evaluate({"m": model}, png_images(tmp_path, 30), batch_size=8, workers=0, progress=False)
+    assert model.seen == 8 and not prefetch_threads()
 
 
 def test_progress_bar(capsys):

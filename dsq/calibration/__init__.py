@@ -22,6 +22,7 @@ import torch.nn as nn
 from ..config import DEFAULT_FIT_IMAGES, DEFAULT_STEPS, CalibConfig
 from ..errors import DsqError
 from ..evaluate import spread_indices
+from ..finite import all_finite
 from ..nn import is_dsconv
 from ..quant_report import IMAGE_INPUT_ACT, QuantReport, layer_row
 from .act_search import search_act_formats
@@ -189,7 +190,7 @@ def _check_images(images, qmodel: nn.Module) -> None:
         raise DsqError(f"calibration images must be one float tensor (N, C, H, W), got {got}")
     if len(images) == 0:
         raise DsqError("no calibration images: pass a folder with images in it")
-    if not bool(torch.isfinite(images).all()):
+    if not all_finite(images):
         raise DsqError("the calibration images hold NaN or Inf values: check their preprocessing")
     training = qmodel.training
     try:

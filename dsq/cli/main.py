@@ -13,6 +13,7 @@ from .._version import __version__
 from ..allocator import reuse_freed_memory
 from ..distributed import main_process_speaks
 from ..errors import DsqError, DsqWarning, os_reason
+from .bench import bench_command
 from .demo import demo_command
 from .evaluate import eval_command
 from .export import export_command
@@ -73,6 +74,7 @@ COMMANDS = (
     demo_command,
     sweep_command,
     sensitivity_command,
+    bench_command,
 )
 for command in COMMANDS:
     cli.add_command(command)

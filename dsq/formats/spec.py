@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DsqError
+from ..finite import all_finite
 
 CHANNEL = "channel"  # blocks along the input channels at each (out channel, tap)
 FLAT = "flat"  # blocks along the flattened (in channels x taps) axis of each out channel
@@ -83,7 +84,7 @@ def round_scales(kds: torch.Tensor, scale_dtype: str, what: str) -> torch.Tensor
     """`kds` rounded to `scale_dtype`, in its own dtype; DsqError naming `what` (e.g. "layer 'conv1'")
     when a scale is not finite there."""
     stored = kds.detach().to(scale_torch_dtype(scale_dtype))
-    if not bool(torch.isfinite(stored).all()):
+    if not all_finite(stored):
         raise DsqError(f"{what}: a weight scale exceeds the {scale_dtype} range; use scale dtype float32")
     return stored.to(kds.dtype)
 

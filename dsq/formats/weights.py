@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DsqError
+from ..finite import all_finite
 from .blocks import BlockLayout, resolve_layout
 from .spec import WeightFormat, check_bits, check_rounds, check_sum_weight
 
@@ -28,9 +29,10 @@ def code_range(bits: int) -> tuple[int, int]:
 def initial_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
     """The paper's map: the largest-magnitude element lands on the most negative code."""
     lo, hi = code_range(bits)
-    m = w.gather(1, w.abs().argmax(dim=1, keepdim=True))
+    magnitudes = w.abs()
+    m = w.gather(1, magnitudes.argmax(dim=1, keepdim=True))
     scale = torch.where(m == 0, torch.zeros_like(m), lo / torch.where(m == 0, 1.0, m))
-    return torch.round(w * scale).clamp_(lo, hi)
+    return torch.mul(w, scale, out=magnitudes).round_().clamp_(lo, hi)  # in the magnitudes' memory
 
 
 def sum_aware_scale(
@@ -47,7 +49,9 @@ def sum_aware_scale(
     with a common mean: for inputs of mean mu and variance s^2 the expected squared output
     error is s^2 ||dw||^2 + mu^2 (sum dw)^2, so sum_weight = mu^2 / s^2.
     """
-    qq, wq, sq = (q * q).sum(dim=1), (w * q).sum(dim=1), q.sum(dim=1)
+    products = w * q
+    wq, sq = products.sum(dim=1), q.sum(dim=1)
+    qq = torch.mul(q, q, out=products).sum(dim=1)  # one temporary as large as w, not two
     ww, sw = w_stats if w_stats is not None else slice_stats(w)
     den = qq + sum_weight * sq * sq
     alpha = torch.where(den > 0, (wq + sum_weight * sw * sq) / den.clamp_min(1e-30), torch.zeros_like(den))
@@ -60,7 +64,7 @@ def codes_for_scale(w: torch.Tensor, alpha: torch.Tensor, bits: int) -> torch.Te
     """The best integers for a given scale: clamp(round(w / alpha)); 0 where alpha is 0."""
     lo, hi = code_range(bits)
     inv = torch.where(alpha == 0, torch.zeros_like(alpha), 1.0 / torch.where(alpha == 0, 1.0, alpha))
-    return torch.round(w * inv[:, None]).clamp_(lo, hi)
+    return (w * inv[:, None]).round_().clamp_(lo, hi)
 
 
 def slice_stats(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +77,7 @@ def scale_limit(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
     The squared error is convex in alpha, so the best scale within the limit is the clamped one.
     """
-    peak = q.abs().amax(dim=1).clamp_min(1).double()
+    peak = torch.maximum(q.amax(dim=1), -q.amin(dim=1)).clamp_min(1).double()  # faster than abs and aminmax
     limit = (torch.finfo(dtype).max / peak).to(dtype)
     return torch.nextafter(limit, torch.zeros_like(limit)).double()  # rounding to dtype may have gone up
 
@@ -82,8 +86,11 @@ def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0, sum_weight: float = 0.0)
     """The paper's closed-form fit, then up to `rounds` refinements that keep a slice's best.
 
     With `sum_weight` > 0 each alpha also weighs the slice-sum error (`sum_aware_scale`);
-    a refinement is kept where it lowers the slice's squared weight error. Refinement stops
-    early once no slice improves: every later round would repeat that one.
+    a refinement is kept where it lowers the slice's squared weight error. A slice that a
+    round does not improve is final: its next round would start from the same scale and
+    repeat this one. So each round refines only the slices the previous one improved (about
+    a third of them after the first round, a thirtieth after the third), and refinement
+    stops once none is left.
     """
     check_bits(bits)
     check_rounds(rounds)
@@ -92,15 +99,20 @@ def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0, sum_weight: float = 0.0)
     q = initial_codes(wd, bits)
     stats = slice_stats(wd)
     alpha, err = sum_aware_scale(wd, q, sum_weight, stats, scale_limit(q, w.dtype))
+    rows, w_rows, alpha_rows = torch.arange(len(wd)), wd, alpha  # the slices still refined
     for _ in range(rounds):
-        q_new = codes_for_scale(wd, alpha, bits)
-        alpha_new, err_new = sum_aware_scale(wd, q_new, sum_weight, stats, scale_limit(q_new, w.dtype))
-        better = err_new < err
-        if not bool(better.any()):
+        q_new = codes_for_scale(w_rows, alpha_rows, bits)
+        alpha_new, err_new = sum_aware_scale(w_rows, q_new, sum_weight, stats, scale_limit(q_new, w.dtype))
+        better = (err_new < err).nonzero().squeeze(1)
+        if len(better) == 0:
             break
-        q = torch.where(better[:, None], q_new, q)
-        alpha = torch.where(better, alpha_new, alpha)
-        err = torch.where(better, err_new, err)
+        if len(better) == 1 < len(wd):  # torch sums one long row alone in another order than among others
+            better = better.repeat(2)
+        rows, w_rows, alpha_rows, err, *stats = (
+            t.index_select(0, better) for t in (rows, w_rows, alpha_new, err_new, *stats)
+        )
+        q.index_copy_(0, rows, q_new.index_select(0, better))
+        alpha.index_copy_(0, rows, alpha_rows)
     return q.to(w.dtype), alpha.to(w.dtype)
 
 
@@ -169,7 +181,7 @@ def _float32_weight(weight: torch.Tensor) -> torch.Tensor:
             f"{str(weight.dtype).removeprefix('torch.')} of shape {tuple(weight.shape)}"
         )
     w = weight.detach().float()
-    if not bool(torch.isfinite(w).all()):
+    if not all_finite(w):
         raise DsqError("the weight holds NaN, infinite or beyond-float32 values: quantize a model with finite weights")
     return w
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DsqError
+from ..finite import all_finite
 from .arch import StateDict
 
 SUFFIXES = (".pth", ".pt", ".th", ".tar", ".bin", ".safetensors")
@@ -48,7 +49,7 @@ def _check_tensor(path: Path, key: str, tensor: Tensor) -> None:
             f"{path} is damaged: tensor {key} declares {tensor.numel():,} numbers but its data "
             f"holds {held:,}; re-save the model's state_dict"
         )
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         raise DsqError(
             f"{path}: tensor {key} holds NaN or infinite values; a model with them has no "
             "meaningful accuracy: fix or retrain it"

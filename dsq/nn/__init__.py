@@ -12,6 +12,7 @@ from .dsconv import (
     set_backend,
     to_dsconv,
 )
+from .fused import fuse_int
 from .int_plan import INT_KERNELS
 from .train import WEIGHT_MODES, freeze, frozen_layers, is_trainable, make_trainable, parameter_groups
 
@@ -30,6 +31,7 @@ __all__ = [
     "WEIGHT_MODES",
     "make_trainable",
     "freeze",
+    "fuse_int",
     "frozen_layers",
     "is_trainable",
     "parameter_groups",

@@ -18,6 +18,7 @@ from ..errors import DsqError
 from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequantize, quantize_weight
 from .exact_backend import ExactWeight
 from .int_backend import IntWeight
+from .int_kernel import rounds_bfp_fast
 from .int_plan import check_int_device, check_int_kernel
 from .trainable_layer import bfp_straight_through, trainable_mode, trained_weight, weight_parameter
 
@@ -68,8 +69,12 @@ class DSConvMixin:
         training, the gradient passes straight through the rounding to earlier layers."""
         if self.act_format is None:
             return x
-        if x.requires_grad and torch.is_grad_enabled() and not _tracing():
+        if _tracing():
+            return bfp_quantize(x, self.act_format, self.act_dim)
+        if x.requires_grad and torch.is_grad_enabled():
             return bfp_straight_through(x, self.act_format, self.act_dim)
+        if rounds_bfp_fast(x, self.act_dim):  # the same numbers in one pass
+            return torch.ops.dsq.bfp_round(x, self.act_format.bits, self.act_format.block)
         return bfp_quantize(x, self.act_format, self.act_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,13 +163,14 @@ def set_backend(model: nn.Module, backend: str, kernel: str = "auto") -> list[st
 
     `kernel` chooses how "int" runs: "auto" takes the C++ CPU kernel (dsq/nn/csrc) where it
     applies (ungrouped convs and linear layers with channel-layout weights, on a CPU with
-    AVX-512) and the eager path elsewhere; "eager" takes the eager path everywhere. The result
-    is the same bit for bit.
+    AVX-512), with the best instruction set here (VNNI, else AVX-512BW), and the eager path
+    elsewhere; "vnni" or "avx512bw" force those tiles (DsqError where the CPU lacks them);
+    "eager" takes the eager path everywhere. The result is the same bit for bit.
 
     Args:
         model: a model with DSConv layers (from dsq.quantize or dsq.load), changed in place.
         backend: "simulate", "int" or "exact" (BACKENDS).
-        kernel: "auto" or "eager" (INT_KERNELS), for the "int" backend.
+        kernel: "auto", "vnni", "avx512bw" or "eager" (INT_KERNELS), for the "int" backend.
 
     Returns:
         The names of the DSConv layers that now run on integers (none unless `backend` is

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import dequantize
+from .epilogue import take_output_epilogue
 from .stand_in import StandInWeight
 
 
@@ -29,14 +30,19 @@ def _double(bias: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def exact_conv2d(input, weight: "ExactWeight", bias=None, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
-    """F.conv2d in float64 on the layer's exact alpha * q, rounded once to float32."""
+    """F.conv2d in float64 on the layer's exact alpha * q, rounded once to float32 by the layer's
+    output epilogue (dsq.nn.epilogue; by default just the rounding)."""
+    epilogue, residual = take_output_epilogue(weight.layer)
     out = F.conv2d(input.double(), exact_weight(weight.layer), _double(bias), stride, padding, dilation, groups)
-    return out.float()
+    return epilogue.apply(out, None, residual, channel_dim=-3)
 
 
 def exact_linear(input, weight: "ExactWeight", bias=None) -> torch.Tensor:
-    """F.linear in float64 on the layer's exact alpha * q, rounded once to float32."""
-    return F.linear(input.double(), exact_weight(weight.layer), _double(bias)).float()
+    """F.linear in float64 on the layer's exact alpha * q, rounded once to float32 by the layer's
+    output epilogue."""
+    epilogue, residual = take_output_epilogue(weight.layer)
+    out = F.linear(input.double(), exact_weight(weight.layer), _double(bias))
+    return epilogue.apply(out, None, residual, channel_dim=-1)
 
 
 class ExactWeight(StandInWeight):

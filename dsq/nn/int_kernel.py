@@ -3,17 +3,21 @@
 - `dsq::int_conv`: a DSConv conv on integers from a layer's packed plan (dsq.nn.int_plan): the
   input BFP-encoded per block of channels at each pixel, every unit (tap, block, weight plane)
   an exact int32 dot product, scaled by its power-of-two step and its KDS value and summed in
-  float64, rounded once to float32.
+  float64, then the output epilogue (dsq.nn.epilogue: bias, folded BatchNorm, rounding to
+  float32, residual, activation clamp).
 - `dsq::bfp_encode_u8`: the BFP encoding that int_conv reads: uint8 mantissa + 128, channels-last,
   each block padded to `run` channels, and the steps, zero-padded by `pads` pixels.
+- `dsq::bfp_round`: BFP rounding along the channels, returned as floats in one pass (what the
+  simulated backend does to a layer's input).
 
-Both have an eager reference implementation here (torch ops, any device) and a meta one (shapes
-only). The CPU implementations are C++ with AVX-512BW in dsq/nn/csrc/int_conv.cpp: compiled on
-first use (about a minute) by torch.utils.cpp_extension under a name that holds the torch version
-and the source's hash, so that an upgrade of either builds afresh, and cached under
-TORCH_EXTENSIONS_DIR. Loading it registers them for CPU tensors, over the references, together
-with `dsq::int_workspace_bytes` and `dsq::release_int_workspace` (the encoded input it keeps per
-thread from call to call).
+Each has an eager reference implementation here (torch ops, any device) and a meta one (shapes
+only). The CPU implementations are C++ in dsq/nn/csrc (int_conv.cpp, and int_tile.h compiled once
+for AVX-512BW and once for AVX-512 VNNI): compiled on first use (about a minute) by
+torch.utils.cpp_extension under a name that holds the torch version and the sources' hash, so
+that an upgrade of either builds afresh, and cached under TORCH_EXTENSIONS_DIR. Loading it
+registers them for CPU tensors, over the references, together with `dsq::int_isas` (the
+instruction sets whose tiles run here), `dsq::int_workspace_bytes` and
+`dsq::release_int_workspace` (the encoded input it keeps per thread from call to call).
 """
 
 from __future__ import annotations
@@ -28,19 +32,24 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..formats import ActFormat, bfp_encode
+from ..formats import ActFormat, bfp_encode, bfp_quantize
+from .epilogue import Epilogue
 from .geometry import output_size, patches
 
 SOURCE = Path(__file__).with_name("csrc") / "int_conv.cpp"
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma"]
+SOURCES = (SOURCE, SOURCE.with_name("int_tile.h"))
+# No contraction of a * b + c into one rounding: the output epilogue rounds as its torch reference does.
+_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mfma", "-ffp-contract=off"]
 _built: bool | None = None  # whether the C++ kernel is loaded; None until first asked
 
 _LIB = torch.library.Library("dsq", "FRAGMENT")
 _LIB.define(
     "int_conv(Tensor x, Tensor weight, Tensor alpha, Tensor comp, Tensor? bias, int[] kernel, int[] stride, "
-    "int[] dilation, int[] pads, int bits, int act_block, int chunk, bool nchw) -> Tensor"
+    "int[] dilation, int[] pads, int bits, int act_block, int chunk, bool nchw, Tensor? scale, Tensor? shift, "
+    "Tensor? residual, float lo, float hi, str isa) -> Tensor"
 )
 _LIB.define("bfp_encode_u8(Tensor x, int bits, int block, int run, int[] pads) -> (Tensor, Tensor)")
+_LIB.define("bfp_round(Tensor x, int bits, int block) -> Tensor")
 
 
 def cpu_kernel_available() -> bool:
@@ -55,9 +64,29 @@ def cpu_kernel_available() -> bool:
     return _built
 
 
+def rounds_bfp_fast(x: torch.Tensor, dim: int) -> bool:
+    """Whether dsq::bfp_round's C++ kernel rounds `x` to BFP along `dim` in one pass: a float32
+    CPU tensor (N, C, ...) rounded along its channels, contiguous or channels-last."""
+    dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() >= 2
+        and dim % x.dim() == 1
+        and dense
+        and cpu_kernel_available()
+    )
+
+
+def kernel_isas() -> list[str]:
+    """The instruction sets whose tiles the C++ kernel runs with on this CPU, best last
+    ("avx512bw", then "vnni" where the CPU has AVX-512 VNNI); none without the kernel."""
+    return list(torch.ops.dsq.int_isas()) if cpu_kernel_available() else []
+
+
 def build_name() -> str:
-    """The extension's name: the torch version and the source's hash, so either change rebuilds."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+    """The extension's name: the torch version and the sources' hash, so either change rebuilds."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(_FLAGS).encode()).hexdigest()[:12]
     return f"dsq_int_kernel_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
 
 
@@ -111,9 +140,12 @@ def bfp_encode_u8_reference(x: torch.Tensor, bits: int, block: int, run: int, pa
     return mant.flatten(-2).to(torch.uint8), F.pad(step.squeeze(-1), (0, 0, *pads))
 
 
-def int_conv_reference(x, weight, alpha, comp, bias, kernel, stride, dilation, pads, bits, act_block, chunk, nchw):
+def int_conv_reference(
+    x, weight, alpha, comp, bias, kernel, stride, dilation, pads, bits, act_block, chunk, nchw, *epilogue_and_isa
+):
     """dsq::int_conv in torch ops, unit by unit in the kernel's order (so bit for bit the same).
-    `comp` and `chunk` only serve the C++ kernel's uint8 arithmetic."""
+    `comp`, `chunk` and `isa` only serve the C++ kernel."""
+    scale, shift, residual, lo, hi, _ = epilogue_and_isa
     taps, nb, planes, out = alpha.shape
     run = weight.shape[-3] * 4
     u, step = bfp_encode_u8_reference(x.float(), bits, act_block, run, pads)
@@ -127,10 +159,15 @@ def int_conv_reference(x, weight, alpha, comp, bias, kernel, stride, dilation, p
             for k in range(planes):
                 dot = int_matmul(cols[:, t, j].contiguous(), q[t, j, k].T.contiguous())
                 acc.addcmul_(dot * steps[:, t, j, None], alpha[t, j, k].double())  # int32 * 2^e * alpha: exact
-    if bias is not None:
-        acc += bias.double()
-    result = acc.float().view(x.shape[0], *_output_size(x, kernel, stride, dilation, pads), out)
+    acc = acc.view(x.shape[0], *_output_size(x, kernel, stride, dilation, pads), out)
+    residual = None if residual is None else residual.permute(0, 2, 3, 1) if nchw else residual
+    result = Epilogue(scale, shift, lo, hi).apply(acc, bias, residual, channel_dim=-1)
     return result.permute(0, 3, 1, 2).contiguous() if nchw else result
+
+
+def bfp_round_reference(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
+    """dsq::bfp_round in torch ops: dsq.formats.bfp_quantize along the channels (dim 1)."""
+    return bfp_quantize(x, ActFormat(bits, block), dim=1)
 
 
 def _output_size(x: torch.Tensor, kernel, stride, dilation, pads) -> tuple[int, int]:
@@ -138,7 +175,7 @@ def _output_size(x: torch.Tensor, kernel, stride, dilation, pads) -> tuple[int, 
     return output_size(x.shape[2] + pads[2] + pads[3], x.shape[3] + pads[0] + pads[1], kernel, stride, dilation)
 
 
-def _int_conv_meta(x, weight, alpha, comp, bias, kernel, stride, dilation, pads, bits, act_block, chunk, nchw):
+def _int_conv_meta(x, weight, alpha, comp, bias, kernel, stride, dilation, pads, bits, act_block, chunk, nchw, *rest):
     n, (oh, ow) = x.shape[0], _output_size(x, kernel, stride, dilation, pads)
     shape = (n, alpha.shape[-1], oh, ow) if nchw else (n, oh, ow, alpha.shape[-1])
     return x.new_empty(shape, dtype=torch.float32)
@@ -152,5 +189,7 @@ def _bfp_encode_u8_meta(x, bits, block, run, pads):
 
 _LIB.impl("int_conv", int_conv_reference, "CompositeExplicitAutograd")
 _LIB.impl("bfp_encode_u8", bfp_encode_u8_reference, "CompositeExplicitAutograd")
+_LIB.impl("bfp_round", bfp_round_reference, "CompositeExplicitAutograd")
 _LIB.impl("int_conv", _int_conv_meta, "Meta")
 _LIB.impl("bfp_encode_u8", _bfp_encode_u8_meta, "Meta")
+_LIB.impl("bfp_round", lambda x, bits, block: torch.empty_like(x), "Meta")

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 from ..errors import DsqError
 from ..formats import CHANNEL
 from ..formats.blocks import block_width
-from .int_kernel import cpu_kernel_available, fit_last
+from .int_kernel import fit_last, kernel_isas
 
 INT_DEVICES = ("cpu", "cuda")  # where torch has an int8 x int8 -> int32 matrix product (torch._int_mm)
-INT_KERNELS = ("auto", "eager")  # the C++ CPU kernel where it applies, or the eager path everywhere
+# The C++ CPU kernel where it applies, with the best instruction set here ("auto") or a given one,
+# or the eager path everywhere.
+INT_KERNELS = ("auto", "vnni", "avx512bw", "eager")
 
 
 def check_int_device(device: torch.device) -> None:
@@ -32,9 +34,12 @@ def check_int_device(device: torch.device) -> None:
 
 
 def check_int_kernel(kernel: str) -> None:
-    """DsqError unless `kernel` is one of INT_KERNELS."""
+    """DsqError unless `kernel` is one of INT_KERNELS and runs on this machine."""
     if kernel not in INT_KERNELS:
         raise DsqError(f"unknown int kernel {kernel!r}: use one of {', '.join(INT_KERNELS)}")
+    if kernel not in ("auto", "eager") and kernel not in kernel_isas():
+        here = ", ".join(kernel_isas()) or "none (it needs AVX-512 and a C++ compiler)"
+        raise DsqError(f"the int kernel {kernel!r} does not run on this CPU (here: {here}): use 'auto' or 'eager'")
 
 
 @dataclass
@@ -59,6 +64,7 @@ class KernelPlan:
     run: int  # input channels per block that the kernel reads: the block, padded to a multiple of 4
     chunk: int  # groups of 4 channels whose int16 pair sums cannot overflow
     out_channels: int
+    isa: str  # the instruction set of the tiles that run it (dsq.nn.int_kernel.kernel_isas)
 
 
 @dataclass
@@ -127,7 +133,9 @@ def build_plan(layer) -> Plan:
             weight = vqk[:, :, run, tap].transpose(1, 2)
             units.append(Unit(tap, run, weight, act_block[:, run.start], alpha.float()))
     choice = _int_kernel(layer)
-    kernel = kernel_plan(layer) if choice == "auto" and _kernel_applies(layer, groups) else None
+    kernel = None
+    if choice != "eager" and _kernel_applies(layer, groups):
+        kernel = kernel_plan(layer, kernel_isas()[-1] if choice == "auto" else choice)
     return Plan(
         (layer.vqk, layer.kds), (layer.vqk._version, layer.kds._version), groups * i, groups, units, kernel, choice
     )
@@ -144,12 +152,12 @@ def _kernel_applies(layer, groups: int) -> bool:
         and layer.layout.kind == CHANNEL
         and aligned
         and layer.vqk.device.type == "cpu"
-        and cpu_kernel_available()
+        and bool(kernel_isas())
     )
 
 
-def kernel_plan(layer) -> KernelPlan:
-    """The layer's VQK and KDS laid out for dsq::int_conv."""
+def kernel_plan(layer, isa: str) -> KernelPlan:
+    """The layer's VQK and KDS laid out for dsq::int_conv, run with the tiles of `isa`."""
     o, c, kh, kw = layer.layout.shape
     width = block_width(c, layer.weight_format.block)  # a block longer than the channels is all of them
     nb, taps, run, out = -(-c // width), kh * kw, -(-width // 4) * 4, -(-o // 16) * 16
@@ -164,4 +172,4 @@ def kernel_plan(layer) -> KernelPlan:
     chunk = 32767 // (2 * 255 * max(int(q.abs().max()), 1))  # vpmaddubsw pair sums, added `chunk` times
     weight = q.reshape(*q.shape[:3], out // 16, 16, run // 4, 4).transpose(-3, -2).to(torch.int8).contiguous()
     comp = 128 * q.sum(-1, dtype=torch.int32)
-    return KernelPlan(weight, alpha.contiguous(), comp.contiguous(), run, chunk, o)
+    return KernelPlan(weight, alpha.contiguous(), comp.contiguous(), run, chunk, o, isa)

@@ -194,6 +194,47 @@ def test_refinement_never_increases_slice_error_and_reduces_total(bits, sum_weig
     assert torch.all(_sq_err(w, q5, a5) <= _sq_err(w, q2, a2) * (1 + 1e-6) + 1e-12)
 
 
+def _refine_every_slice(w, bits, rounds, sum_weight):
+    """The refinement as first written: every round refits every slice and keeps what improved."""
+    from dsq.formats.weights import codes_for_scale, initial_codes, scale_limit, slice_stats, sum_aware_scale
+
+    wd = w.double()
+    q, stats = initial_codes(wd, bits), slice_stats(wd)
+    alpha, err = sum_aware_scale(wd, q, sum_weight, stats, scale_limit(q, w.dtype))
+    for _ in range(rounds):
+        q_new = codes_for_scale(wd, alpha, bits)
+        alpha_new, err_new = sum_aware_scale(wd, q_new, sum_weight, stats, scale_limit(q_new, w.dtype))
+        better = err_new < err
+        q = torch.where(better[:, None], q_new, q)
+        alpha, err = torch.where(better, alpha_new, alpha), torch.where(better, err_new, err)
+    return q.to(w.dtype), alpha.to(w.dtype)
+
+
+@pytest.mark.parametrize("sum_weight", [0.0, 0.466])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_refining_only_the_improved_slices_is_refining_all(bits, sum_weight, dtype):
+    """fit_l2 refits, each round, only the slices the round before improved: bit for bit what
+    refitting every slice every round gives, for every round count."""
+    w = torch.cat([_rows(1000, 32, seed=bits, dtype=dtype), torch.zeros(20, 32, dtype=dtype)])
+    w[:200] = w[:200] ** 3  # heavy tails
+    w[700:, 9:] = 0  # short (ragged) slices
+    for rounds in (1, 2, 4, 12):
+        q, alpha = fit_l2(w, bits, rounds=rounds, sum_weight=sum_weight)
+        q_ref, alpha_ref = _refine_every_slice(w, bits, rounds, sum_weight)
+        assert torch.equal(q, q_ref) and torch.equal(alpha, alpha_ref), f"rounds={rounds}"
+
+
+@pytest.mark.parametrize("slices", [1, 2, 3])
+def test_refining_few_long_slices_is_refining_all(slices):
+    """Rows of 40 000 numbers, which torch sums in parallel when one is summed alone."""
+    for seed in range(4):
+        w = _rows(slices, 40_000, seed=seed) ** 3
+        q, alpha = fit_l2(w, 3, rounds=5, sum_weight=0.466)
+        q_ref, alpha_ref = _refine_every_slice(w, 3, 5, 0.466)
+        assert torch.equal(q, q_ref) and torch.equal(alpha, alpha_ref), f"seed={seed}"
+
+
 # --------------------------------------------------------------------------- quantize_weight end to end
 @pytest.mark.parametrize(
     "shape,block,layout,groups",

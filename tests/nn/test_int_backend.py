@@ -54,13 +54,13 @@ def run_both(model: nn.Module, x: torch.Tensor, kernel: str = "auto") -> tuple[t
     return run(model, x, "int", kernel), run(model, x, "simulate")
 
 
-@pytest.fixture(params=["kernel", "eager"])
+@pytest.fixture(params=["vnni", "avx512bw", "eager"])
 def path(request) -> str:
-    """The int backend's kernel choice (set_backend's `kernel`): "auto", the CPU kernel where it
-    applies, or "eager", the eager path only."""
-    if request.param == "kernel" and not int_kernel.cpu_kernel_available():
-        pytest.skip("the CPU kernel does not run here (it needs AVX-512 and a C++ compiler)")
-    return "auto" if request.param == "kernel" else "eager"
+    """The int backend's kernel choice (set_backend's `kernel`): the CPU kernel with the tiles of
+    one instruction set where it applies (the others forced off), or "eager", the eager path only."""
+    if request.param != "eager" and request.param not in int_kernel.kernel_isas():
+        pytest.skip(f"the CPU kernel's {request.param} tiles do not run here")
+    return request.param
 
 
 def assert_int_is_exact(layer: nn.Module, x: torch.Tensor, kernel: str = "auto") -> None:
@@ -118,7 +118,7 @@ def test_conv_layer_types(case, path):
     layer = conv(**case)
     assert_int_is_exact(layer, activations(2, case["c"], 9, 8), path)
     ungrouped_channel_blocks = case.get("groups", 1) == 1 and layer.layout.kind == "channel"
-    assert (layer._int_plan.kernel is not None) == (path == "auto" and ungrouped_channel_blocks)
+    assert (layer._int_plan.kernel is not None) == (path != "eager" and ungrouped_channel_blocks)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -126,7 +126,7 @@ def test_conv_layer_types(case, path):
 def test_every_weight_and_mantissa_width(bits, act_bits, path):
     layer = conv(40, 16, 3, padding=1, wf=WeightFormat(bits=bits, block=16), af=ActFormat(act_bits, 16))
     assert_int_is_exact(layer, activations(2, 40, 6, 6, seed=bits * 10 + act_bits), path)
-    if path == "auto":  # 8-bit weights run as two planes of 4-bit ones
+    if path != "eager":  # 8-bit weights run as two planes of 4-bit ones
         assert layer._int_plan.kernel.weight.shape[2] == (2 if layer.vqk.abs().max() > 64 else 1)
 
 
@@ -313,7 +313,9 @@ def test_kernel_source_ships_with_the_package_and_keys_its_build():
     assert int_kernel.SOURCE.is_file() and int_kernel.SOURCE.parent.name == "csrc"
     name = int_kernel.build_name()
     assert name.isidentifier() and torch.__version__.split("+")[0].replace(".", "_") in name
-    assert '"dsq.nn" = ["csrc/*.cpp"]' in (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"dsq.nn" = ["csrc/*.cpp", "csrc/*.h"]' in pyproject
+    assert all(source.parent == int_kernel.SOURCE.parent for source in int_kernel.SOURCES)
 
 
 def test_without_a_compiler_the_eager_path_runs(monkeypatch):
@@ -337,7 +339,8 @@ def test_without_a_compiler_the_eager_path_runs(monkeypatch):
 
 def test_kernel_bfp_encoding_equals_bfp_encode():
     """The kernel's own BFP encoder against dsq.formats.bfp_encode: ties at half a step (rounded
-    to even), powers of two at block peaks, zero and subnormal blocks, clamping; a contiguous and
+    to even), powers of two at block peaks, zero and subnormal blocks (a step below the smallest
+    subnormal raised to it), clamping; a contiguous and
     a channels-last input; ragged blocks; zero padding."""
     if not int_kernel.cpu_kernel_available():
         pytest.skip("the CPU kernel does not run here")
@@ -346,6 +349,7 @@ def test_kernel_bfp_encoding_equals_bfp_encode():
     x[0, :8, 0, 0] = torch.tensor([2.0, 0.5, -0.5, 1.5, -1.5, 2.5, 0.0, 3 / 64])  # ties at a step of 1/64
     x[0, :, 1, 0] = 0
     x[1, :, 2, 3] = 1e-40  # subnormal
+    x[0, :, 3, 5] = 1e-44  # a step that would underflow: raised to the smallest subnormal
     x[1, 5, 3, 3], x[1, 6, 3, 3] = 2.0**20, 2.0**-30
     pads = [1, 2, 0, 3]
     for bits, block, run in [(8, 16, 16), (4, 16, 16), (2, 5, 8), (8, 64, 40)]:

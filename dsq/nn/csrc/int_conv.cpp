@@ -1,7 +1,8 @@
 // The int backend's CPU kernel (dsq.nn.int_kernel loads it; docs/integer-backend.md): the CPU
-// implementations of the ops dsq::int_conv and dsq::bfp_encode_u8, whose schemas and eager
-// reference implementations dsq.nn.int_kernel defines, and two ops of its own that report and
-// free the per-thread workspace.
+// implementations of the ops dsq::int_conv, dsq::bfp_encode_u8 and dsq::bfp_round, whose schemas
+// and eager reference implementations dsq.nn.int_kernel defines, and ops of its own that list the
+// instruction sets it runs with here and report and free the per-thread workspace. The tiles are
+// in int_tile.h, compiled once for AVX-512BW and once for AVX-512 VNNI.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -9,22 +10,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <tuple>
 #include <vector>
 
-// out[p, o] = bias[o] + sum over taps t, blocks j and weight planes k of
-//     alpha[t, j, k, o] * step[p + t, j] * sum_c (u[p + t, j, c] - 128) * q[t, j, k, c, o]
-// (one plane, or two for 8-bit weights: q = 16 hi + lo, the hi plane with alpha * 16)
-// with u = mantissa + 128 (uint8) and q the int8 VQK. vpmaddubsw multiplies u8 by s8 and adds
-// pairs into int16 (exact: `chunk` steps of 4 channels stay below 2^15), vpmaddwd widens to int32,
-// and 128 * sum_c q (`comp`) takes the offset out again: the dot product of each unit (tap, block)
-// is exact. Its epilogue, one multiply by the power-of-two step (exact) and one fused multiply-add
-// with alpha, happens in registers and L1, so no per-unit product ever reaches memory.
 namespace {
-
-constexpr int MR = 4;     // output positions that share each weight load
-constexpr int RT = 8;     // groups of MR positions per tile, which share each unit's weights in L1
-constexpr int NVMAX = 4;  // vectors of 16 output channels per tile
 
 struct Args {
   const uint8_t* u;        // (N, Hp, Wp, nb * L)
@@ -32,162 +22,95 @@ struct Args {
   const int8_t* w;         // (T, nb, planes, Op / 16, L / 4, 16, 4)
   const float* alpha;      // (T, nb, planes, Op)
   const int32_t* comp;     // (T, nb, planes, Op)
-  const float* bias;       // (Op) or null
   const int64_t* tap_off;  // (T) pixel offset of each tap
   int64_t T, nb, planes, L, Op, chunk;
 };
 
-// acc[0 .. 16) += (dot - comp) * step * alpha[0 .. 16), in float64 (each product is exact)
-inline void epilogue(double* acc, __m512i dot, __m512i comp, float step, const float* alpha) {
-  const __m512i d = _mm512_sub_epi32(dot, comp);
-  const __m512d sv = _mm512_set1_pd(step);
-  const __m512d d0 = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 0)), sv);
-  const __m512d d1 = _mm512_mul_pd(_mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(d, 1)), sv);
-  _mm512_store_pd(acc, _mm512_fmadd_pd(d0, _mm512_cvtps_pd(_mm256_loadu_ps(alpha)), _mm512_load_pd(acc)));
-  _mm512_store_pd(acc + 8, _mm512_fmadd_pd(d1, _mm512_cvtps_pd(_mm256_loadu_ps(alpha + 8)), _mm512_load_pd(acc + 8)));
-}
+// Where each output goes and what happens to it on the way: its float64 sum plus the bias, times
+// the folded BatchNorm's scale plus its shift (two float64 roundings, in this order, as the
+// eager path does them), rounded to float32, plus the residual (float32), clamped to [lo, hi].
+struct Out {
+  float* out;              // (N, Op, OH, OW) if nchw, else (N, OH, OW, Op)
+  int64_t ostride;         // between output channels
+  bool nchw;
+  const float* bias;       // (Op) or null
+  const double* scale;     // (Op) or null: the folded BatchNorm, with shift
+  const double* shift;
+  const float* residual;   // laid out as out, or null
+  float lo, hi;            // a fused activation's clamp; -inf, inf for none (NaN passes)
 
-// The output positions of one tile: RT x MR of them (the last ones may repeat a valid one).
-struct Rows {
-  int64_t pix[RT * MR];  // the input pixel that tap 0 reads
-  int64_t dst[RT * MR];  // where output channel 0 goes
-  int64_t count;
+  inline void store(double acc, int64_t o, int64_t i) const {
+    double v = acc + (bias ? static_cast<double>(bias[o]) : 0.0);
+    if (scale) {
+      v = v * scale[o];
+      v = v + shift[o];
+    }
+    float y = static_cast<float>(v);
+    if (residual) y = y + residual[i];
+    out[i] = y < lo ? lo : (y > hi ? hi : y);
+  }
+
+  // store() of 16 consecutive output channels o .. o + 15, which lie side by side from out[i]
+  // (channels-last): the same operations in the same order, 16 lanes at a time.
+  inline void store16(const double* acc, int64_t o, int64_t i) const {
+    __m512d v[2] = {_mm512_load_pd(acc), _mm512_load_pd(acc + 8)};
+    for (int h = 0; h < 2; h++) {
+      v[h] = _mm512_add_pd(v[h], bias ? _mm512_cvtps_pd(_mm256_loadu_ps(bias + o + 8 * h)) : _mm512_setzero_pd());
+      if (scale) {
+        v[h] = _mm512_mul_pd(v[h], _mm512_loadu_pd(scale + o + 8 * h));
+        v[h] = _mm512_add_pd(v[h], _mm512_loadu_pd(shift + o + 8 * h));
+      }
+    }
+    __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(v[0])), _mm512_cvtpd_ps(v[1]), 1);
+    if (residual) y = _mm512_add_ps(y, _mm512_loadu_ps(residual + i));
+    y = _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), y));  // NaN passes: y is 2nd
+    _mm512_storeu_ps(out + i, y);
+  }
 };
 
-// int16 sums of uint8 x int8 pair products of MR = 4 rows over groups of 4 channels k0 .. k1 - 1;
-// `w` holds the unit's weights, NV vectors of `k4` groups.
-// acc += x in int16 lanes, in place (GCC would add into another register and copy it back).
-static inline void add16(__m512i& acc, __m512i x) { asm("vpaddw %1, %0, %0" : "+v"(acc) : "v"(x)); }
+namespace bw {
+#include "int_tile.h"
+}  // namespace bw
 
-template <int NV>
-inline void pair_sums(const uint8_t* const* x, const int8_t* w, int64_t k4, int64_t k0, int64_t k1,
-                      __m512i (&sum)[MR][NV]) {
-  __m512i s0[NV], s1[NV], s2[NV], s3[NV];
-  for (int v = 0; v < NV; v++) s0[v] = s1[v] = s2[v] = s3[v] = _mm512_setzero_si512();
-  for (int64_t k = k0; k < k1; k++) {
-    const __m512i b0 = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x[0] + 4 * k));
-    const __m512i b1 = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x[1] + 4 * k));
-    const __m512i b2 = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x[2] + 4 * k));
-    const __m512i b3 = _mm512_set1_epi32(*reinterpret_cast<const int32_t*>(x[3] + 4 * k));
-    for (int v = 0; v < NV; v++) {
-      const __m512i wv = _mm512_loadu_si512(w + (v * k4 + k) * 64);
-      add16(s0[v], _mm512_maddubs_epi16(b0, wv));
-      add16(s1[v], _mm512_maddubs_epi16(b1, wv));
-      add16(s2[v], _mm512_maddubs_epi16(b2, wv));
-      add16(s3[v], _mm512_maddubs_epi16(b3, wv));
-    }
-  }
-  for (int v = 0; v < NV; v++) sum[0][v] = s0[v], sum[1][v] = s1[v], sum[2][v] = s2[v], sum[3][v] = s3[v];
-}
-
-// One tile: RT x MR output positions by NV vectors of 16 output channels, summed over every unit
-// (tap, block). Each unit's weights are read once per tile and reused by its RT row groups. K4:
-// the unit's length in groups of 4 channels when known at compile time (one chunk), else 0.
-template <int NV, int K4>
-void tile(const Args& a, const Rows& rows, int64_t ov, float* out, int64_t ostride) {
-  static_assert(MR == 4, "pair_sums handles 4 rows");
-  const __m512i ones = _mm512_set1_epi16(1);
-  const int64_t C = a.nb * a.L, k4 = K4 ? K4 : a.L / 4, groups = (rows.count + MR - 1) / MR;
-  alignas(64) double acc[RT][MR][NV * 16];
-  std::fill(&acc[0][0][0], &acc[0][0][0] + RT * MR * NV * 16, 0.0);
-  for (int64_t t = 0; t < a.T; t++) {
-    for (int64_t jp = 0; jp < a.nb * a.planes; jp++) {
-      const int64_t j = jp / a.planes, unit = t * a.nb * a.planes + jp;
-      const int8_t* w = a.w + (unit * (a.Op / 16) + ov) * k4 * 64;
-      const float* alpha = a.alpha + unit * a.Op + ov * 16;
-      const int32_t* comp = a.comp + unit * a.Op + ov * 16;
-      for (int64_t g = 0; g < groups; g++) {
-        const uint8_t* x[MR];
-        float s[MR];
-        for (int r = 0; r < MR; r++) {
-          const int64_t p = rows.pix[g * MR + r] + a.tap_off[t];
-          x[r] = a.u + p * C + j * a.L;
-          s[r] = a.step[p * a.nb + j];
-        }
-        __m512i sum[MR][NV], dot[MR][NV];
-        if constexpr (K4 > 0) {  // one chunk: straight from the int16 sums to the epilogue
-          pair_sums<NV>(x, w, k4, 0, K4, sum);
-          for (int r = 0; r < MR; r++)
-            for (int v = 0; v < NV; v++) dot[r][v] = _mm512_madd_epi16(sum[r][v], ones);
-        } else {
-          for (int r = 0; r < MR; r++)
-            for (int v = 0; v < NV; v++) dot[r][v] = _mm512_setzero_si512();
-          for (int64_t k0 = 0; k0 < k4; k0 += a.chunk) {
-            pair_sums<NV>(x, w, k4, k0, std::min(k4, k0 + a.chunk), sum);
-            for (int r = 0; r < MR; r++)
-              for (int v = 0; v < NV; v++) dot[r][v] = _mm512_add_epi32(dot[r][v], _mm512_madd_epi16(sum[r][v], ones));
-          }
-        }
-        for (int v = 0; v < NV; v++) {
-          const __m512i cv = _mm512_loadu_si512(comp + v * 16);
-          for (int r = 0; r < MR; r++) epilogue(&acc[g][r][v * 16], dot[r][v], cv, s[r], alpha + v * 16);
-        }
-      }
-    }
-  }
-  for (int64_t i = 0; i < rows.count; i++)
-    for (int c = 0; c < NV * 16; c++) {
-      const int64_t o = ov * 16 + c;
-      const double b = a.bias ? static_cast<double>(a.bias[o]) : 0.0;
-      out[rows.dst[i] + o * ostride] = static_cast<float>(acc[i / MR][i % MR][c] + b);
-    }
-}
-
-template <int NV>
-void tile_any(const Args& a, const Rows& rows, int64_t ov, float* out, int64_t ostride) {
-  const int64_t k4 = a.L / 4;
-  if (k4 == 8 && a.chunk >= 8)
-    tile<NV, 8>(a, rows, ov, out, ostride);
-  else if (k4 == 4 && a.chunk >= 4)
-    tile<NV, 4>(a, rows, ov, out, ostride);
-  else
-    tile<NV, 0>(a, rows, ov, out, ostride);
-}
-
-void run(const Args& a, int64_t N, int64_t Hp, int64_t Wp, int64_t OH, int64_t OW, int64_t sh, int64_t sw, bool nchw,
-         float* out) {
-  const int64_t P = N * OH * OW, per_tile = RT * MR, row_tiles = (P + per_tile - 1) / per_tile, vectors = a.Op / 16;
-  const int64_t col_tiles = (vectors + NVMAX - 1) / NVMAX, ostride = nchw ? OH * OW : 1;
-  at::parallel_for(0, row_tiles * col_tiles, 1, [&](int64_t begin, int64_t end) {
-    Rows rows;
-    for (int64_t i = begin; i < end; i++) {
-      const int64_t ct = i / row_tiles, p0 = (i % row_tiles) * per_tile;
-      rows.count = std::min<int64_t>(per_tile, P - p0);
-      for (int64_t r = 0; r < per_tile; r++) {
-        const int64_t p = p0 + (r < rows.count ? r : 0), n = p / (OH * OW), oy = p / OW % OH, ox = p % OW;
-        rows.pix[r] = (n * Hp + oy * sh) * Wp + ox * sw;
-        rows.dst[r] = nchw ? (n * a.Op * OH + oy) * OW + ox : p * a.Op;
-      }
-      const int64_t ov = ct * NVMAX;
-      switch (std::min<int64_t>(NVMAX, vectors - ov)) {
-        case 4: tile_any<4>(a, rows, ov, out, ostride); break;
-        case 3: tile_any<3>(a, rows, ov, out, ostride); break;
-        case 2: tile_any<2>(a, rows, ov, out, ostride); break;
-        default: tile_any<1>(a, rows, ov, out, ostride); break;
-      }
-    }
-  });
-}
+#pragma GCC push_options
+#pragma GCC target("avx512vnni")
+namespace vnni {
+#define DSQ_VNNI
+#include "int_tile.h"
+#undef DSQ_VNNI
+}  // namespace vnni
+#pragma GCC pop_options
 
 }  // namespace
 
 // The BFP steps of 16 blocks whose peaks are in `peak`: 2^(e - (bits - 1)) with e the frexp
-// exponent of the peak (floor(log2 peak) + 1; 0 for a zero peak), as dsq.formats.bfp does it.
-static inline __m512 bfp_steps(__m512 peak, int64_t bits) {
+// exponent of the peak (floor(log2 peak) + 1), as dsq.formats.bfp does it: 2^(1 - bits) for a zero
+// peak or a block that holds a NaN or an infinity (`odd`), and never below the smallest subnormal.
+static inline __m512 bfp_steps(__m512 peak, int64_t bits, __mmask16 odd = 0) {
   const __m512 k = _mm512_add_ps(_mm512_getexp_ps(peak), _mm512_set1_ps(static_cast<float>(2 - bits)));
-  const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(1.f), k);
-  const __mmask16 zero = _mm512_cmp_ps_mask(peak, _mm512_setzero_ps(), _CMP_EQ_OQ);
+  const __m512 s = _mm512_max_ps(_mm512_scalef_ps(_mm512_set1_ps(1.f), k), _mm512_set1_ps(std::ldexp(1.f, -149)));
+  const __mmask16 zero = _mm512_cmp_ps_mask(peak, _mm512_setzero_ps(), _CMP_EQ_OQ) | odd;
   return _mm512_mask_blend_ps(zero, s, _mm512_set1_ps(std::ldexp(1.f, static_cast<int>(1 - bits))));
 }
 
-// uint8 mantissas + 128 of 16 values x with steps s: x / s rounded half to even, clamped to +-lim.
-// x / s is x * (1 / s), exactly, where 1 / s is a float (s >= 2^-126): no division then.
-static inline __m128i bfp_mantissas(__m512 x, __m512 s, __m512 lim) {
+// Which of 16 values are NaN or infinite.
+static inline __mmask16 not_finite(__m512 x) { return _mm512_fpclass_ps_mask(x, 0x01 | 0x08 | 0x10 | 0x80); }
+
+// Mantissas of 16 values x with steps s, as floats: x / s rounded half to even, clamped to +-lim
+// (NaN stays NaN). x / s is x * 2^-log2(s), exactly, where that is a float (s >= 2^-126): no
+// division then.
+static inline __m512 bfp_round_mantissas(__m512 x, __m512 s, __m512 lim) {
   const __mmask16 tiny = _mm512_cmp_ps_mask(s, _mm512_set1_ps(std::ldexp(1.f, -126)), _CMP_LT_OQ);
-  const __m512 q = tiny ? _mm512_div_ps(x, s) : _mm512_mul_ps(x, _mm512_div_ps(_mm512_set1_ps(1.f), s));
-  __m512 m = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  m = _mm512_min_ps(_mm512_max_ps(m, _mm512_sub_ps(_mm512_setzero_ps(), lim)), lim);
-  return _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_cvtps_epi32(m), _mm512_set1_epi32(128)));
+  const __m512 inverse = _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_getexp_ps(s)));
+  const __m512 q = tiny ? _mm512_div_ps(x, s) : _mm512_mul_ps(x, inverse);
+  const __m512 m = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return _mm512_min_ps(lim, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), m));  // returns m if NaN
+}
+
+// uint8 mantissas + 128 of 16 values x with steps s.
+static inline __m128i bfp_mantissas(__m512 x, __m512 s, __m512 lim) {
+  const __m512i m = _mm512_cvtps_epi32(bfp_round_mantissas(x, s, lim));
+  return _mm512_cvtepi32_epi8(_mm512_add_epi32(m, _mm512_set1_epi32(128)));
 }
 
 static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
@@ -224,11 +147,14 @@ void encode(const at::Tensor& x, int64_t bits, int64_t block, int64_t run, c10::
       std::fill(sp + i * Wp * nb, sp + o0 * nb, 0.f);
       std::fill(sp + (o0 + W) * nb, sp + (i + 1) * Wp * nb, 0.f);
       const float* row = xp + n * sn + y * sy;
-      for (int64_t j = 0; j < nb; j++) {
-        const int64_t c0 = j * block, c1 = std::min(C, c0 + block);
-        if (c1 - c0 < run)
-          for (int64_t w = 0; w < W; w++) std::memset(up + (o0 + w) * D + j * run + c1 - c0, 128, run - (c1 - c0));
-        if (rows) {  // 16 pixels of a row at a time
+      for (int64_t j = 0; j < nb; j++) {  // the channels a ragged last block lacks
+        const int64_t width = std::min(C, (j + 1) * block) - j * block;
+        if (width < run)
+          for (int64_t w = 0; w < W; w++) std::memset(up + (o0 + w) * D + j * run + width, 128, run - width);
+      }
+      if (rows) {  // 16 pixels of a row at a time, block after block
+        for (int64_t j = 0; j < nb; j++) {
+          const int64_t c0 = j * block, c1 = std::min(C, c0 + block);
           for (int64_t w0 = 0; w0 < W; w0 += 16) {
             const __mmask16 mask = first(W - w0);
             const int64_t count = std::min<int64_t>(16, W - w0);
@@ -247,9 +173,12 @@ void encode(const at::Tensor& x, int64_t bits, int64_t block, int64_t run, c10::
               for (int64_t w = 0; w < count; w++) dst[w * D] = m[w];
             }
           }
-        } else {  // channels-last: one pixel at a time, 16 channels at a time
-          for (int64_t w = 0; w < W; w++) {
-            const float* px = row + w * sx;
+        }
+      } else {  // channels-last: pixel after pixel, each block's 16 channels at a time
+        for (int64_t w = 0; w < W; w++) {
+          const float* px = row + w * sx;
+          for (int64_t j = 0; j < nb; j++) {
+            const int64_t c0 = j * block, c1 = std::min(C, c0 + block);
             __m512 peak = _mm512_setzero_ps();
             for (int64_t c = c0; c < c1; c += 16)
               peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(c1 - c), px + c)));
@@ -275,6 +204,67 @@ std::tuple<at::Tensor, at::Tensor> bfp_encode_u8(const at::Tensor& x, int64_t bi
   return {u, step};
 }
 
+// x rounded to BFP along its channels (blocks of `block` channels at each position) and returned
+// as floats in x's layout, as dsq.formats.bfp_quantize does it, in one pass: the simulated
+// backend's input rounding. x: float32 (N, C, ...) whose positions are contiguous (NCHW) or whose
+// channels are (channels-last, or (N, C)).
+at::Tensor bfp_round(const at::Tensor& x, int64_t bits, int64_t block) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() >= 2 && bits >= 2 && bits <= 8 && block > 0, "arguments");
+  const at::Tensor x3 = x.dim() == 2 ? x.unsqueeze(2) : x.flatten(2);
+  auto out = at::empty_like(x);
+  const at::Tensor o3 = x.dim() == 2 ? out.unsqueeze(2) : out.flatten(2);
+  const int64_t N = x3.size(0), C = x3.size(1), S = x3.size(2), nb = (C + block - 1) / block;
+  const int64_t sn = x3.stride(0), sc = x3.stride(1), ss = x3.stride(2);
+  TORCH_CHECK(o3.strides() == x3.strides() && (ss == 1 || sc == 1), "x: contiguous or channels-last");
+  const float* xp = x3.data_ptr<float>();
+  float* op = o3.data_ptr<float>();
+  const __m512 lim = _mm512_set1_ps(static_cast<float>((1 << (bits - 1)) - 1));
+  if (ss == 1 && (sc != 1 || S > 1)) {  // along positions, 16 at a time, per block of channels
+    const int64_t chunks = (S + 15) / 16;
+    at::parallel_for(0, N * nb * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; i++) {
+        const int64_t n = i / (nb * chunks), j = i / chunks % nb, p0 = i % chunks * 16, c1 = std::min(C, (j + 1) * block);
+        const __mmask16 mask = first(S - p0);
+        const int64_t base = n * sn + p0;
+        __m512 peak = _mm512_setzero_ps();
+        __mmask16 odd = 0;
+        for (int64_t c = j * block; c < c1; c++) {
+          const __m512 v = _mm512_maskz_loadu_ps(mask, xp + base + c * sc);
+          peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
+          odd |= not_finite(v);
+        }
+        const __m512 st = bfp_steps(peak, bits, odd);
+        for (int64_t c = j * block; c < c1; c++) {
+          const __m512 v = _mm512_maskz_loadu_ps(mask, xp + base + c * sc);
+          _mm512_mask_storeu_ps(op + base + c * sc, mask, _mm512_mul_ps(bfp_round_mantissas(v, st, lim), st));
+        }
+      }
+    });
+    return out;
+  }
+  at::parallel_for(0, N * S, 16, [&](int64_t begin, int64_t end) {  // along channels, at each position
+    for (int64_t i = begin; i < end; i++) {
+      const int64_t base = i / S * sn + i % S * ss;
+      for (int64_t j = 0; j < nb; j++) {
+        const int64_t c0 = j * block, c1 = std::min(C, c0 + block);
+        __m512 peak = _mm512_setzero_ps();
+        __mmask16 odd = 0;
+        for (int64_t c = c0; c < c1; c += 16) {
+          const __m512 v = _mm512_maskz_loadu_ps(first(c1 - c), xp + base + c);
+          peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
+          odd |= not_finite(v);
+        }
+        const __m512 st = bfp_steps(_mm512_set1_ps(_mm512_reduce_max_ps(peak)), bits, odd ? 0xFFFF : 0);
+        for (int64_t c = c0; c < c1; c += 16) {
+          const __m512 v = _mm512_maskz_loadu_ps(first(c1 - c), xp + base + c);
+          _mm512_mask_storeu_ps(op + base + c, first(c1 - c), _mm512_mul_ps(bfp_round_mantissas(v, st, lim), st));
+        }
+      }
+    }
+  });
+  return out;
+}
+
 // The encoded input of the last call from this thread, kept for the next one.
 std::vector<uint8_t>& thread_workspace() {
   thread_local std::vector<uint8_t> workspace;
@@ -285,27 +275,57 @@ int64_t workspace_bytes() { return static_cast<int64_t>(thread_workspace().capac
 
 void release_workspace() { std::vector<uint8_t>().swap(thread_workspace()); }
 
+// The instruction sets whose kernels run on this CPU, best last.
+std::vector<std::string> isas() {
+  std::vector<std::string> found{"avx512bw"};
+  if (__builtin_cpu_supports("avx512vnni")) found.push_back("vnni");
+  return found;
+}
+
+const at::Tensor* given(const c10::optional<at::Tensor>& t) { return t && t->defined() ? &*t : nullptr; }
+
 // A DSConv layer on integers: BFP-encode x (N, C, H, W) into a workspace that is kept from call
-// to call (no fresh pages to fault in), then the kernel. Returns (N, O', OH, OW) if `nchw`, else
-// (N, OH, OW, O'), float32.
-at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alpha,
-                   const at::Tensor& comp,
-                   const c10::optional<at::Tensor>& bias, c10::IntArrayRef kernel, c10::IntArrayRef stride,
-                   c10::IntArrayRef dilation, c10::IntArrayRef pads, int64_t bits, int64_t act_block, int64_t chunk,
-                   bool nchw) {
+// to call (no fresh pages to fault in), then the kernel of instruction set `isa` (isas()), with
+// the output epilogue Out: bias, folded BatchNorm (scale, shift: float64), residual (laid out as
+// the output), clamp to [lo, hi]. Returns (N, O', OH, OW) if `nchw`, else (N, OH, OW, O'), float32.
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alpha, const at::Tensor& comp,
+                const c10::optional<at::Tensor>& bias, c10::IntArrayRef kernel, c10::IntArrayRef stride,
+                c10::IntArrayRef dilation, c10::IntArrayRef pads, int64_t bits, int64_t act_block, int64_t chunk,
+                bool nchw, const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                const c10::optional<at::Tensor>& residual, double lo, double hi, c10::string_view isa) {
   TORCH_CHECK(w.dtype() == at::kChar && w.is_contiguous() && alpha.is_contiguous() && comp.is_contiguous() &&
               alpha.dtype() == at::kFloat && comp.dtype() == at::kInt, "plan tensors");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2 && pads.size() == 4, "arguments");
+  const bool use_vnni = isa == "vnni";
+  TORCH_CHECK(use_vnni || isa == "avx512bw", "unknown instruction set ", isa);
+  TORCH_CHECK(!use_vnni || __builtin_cpu_supports("avx512vnni"), "this CPU has no AVX-512 VNNI");
   const int64_t N = x.size(0), Hp = x.size(2) + pads[2] + pads[3], Wp = x.size(3) + pads[0] + pads[1];
   const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
   TORCH_CHECK(alpha.dim() == 4 && comp.sizes() == alpha.sizes(), "plan shapes");
-  Args a{nullptr, nullptr, w.data_ptr<int8_t>(), alpha.data_ptr<float>(), comp.data_ptr<int32_t>(), nullptr, nullptr,
+  Args a{nullptr, nullptr, w.data_ptr<int8_t>(), alpha.data_ptr<float>(), comp.data_ptr<int32_t>(), nullptr,
          alpha.size(0), alpha.size(1), alpha.size(2), w.numel() / alpha.numel(), alpha.size(3), chunk};
   TORCH_CHECK(a.L % 4 == 0 && a.Op % 16 == 0 && a.T == kh * kw && chunk > 0, "plan shapes");
   TORCH_CHECK((x.size(1) + act_block - 1) / act_block == a.nb, "activation blocks must match the weight blocks");
-  if (bias && bias->defined()) {
-    TORCH_CHECK(bias->dtype() == at::kFloat && bias->is_contiguous() && bias->numel() == a.Op, "bias");
-    a.bias = bias->data_ptr<float>();
+  const int64_t OH = (Hp - dh * (kh - 1) - 1) / sh + 1, OW = (Wp - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(OH > 0 && OW > 0, "the input is smaller than the kernel");
+  auto out = nchw ? at::empty({N, a.Op, OH, OW}, alpha.options()) : at::empty({N, OH, OW, a.Op}, alpha.options());
+  Out e{out.data_ptr<float>(), nchw ? OH * OW : 1, nchw, nullptr, nullptr, nullptr, nullptr,
+        static_cast<float>(lo), static_cast<float>(hi)};
+  if (const at::Tensor* b = given(bias)) {
+    TORCH_CHECK(b->dtype() == at::kFloat && b->is_contiguous() && b->numel() == a.Op, "bias");
+    e.bias = b->data_ptr<float>();
+  }
+  const at::Tensor *g = given(scale), *h = given(shift);
+  TORCH_CHECK(!g == !h, "scale and shift go together");
+  if (g) {
+    TORCH_CHECK(g->dtype() == at::kDouble && h->dtype() == at::kDouble && g->is_contiguous() && h->is_contiguous() &&
+                g->numel() == a.Op && h->numel() == a.Op, "scale, shift: float64 (O')");
+    e.scale = g->data_ptr<double>();
+    e.shift = h->data_ptr<double>();
+  }
+  if (const at::Tensor* r = given(residual)) {
+    TORCH_CHECK(r->dtype() == at::kFloat && r->sizes() == out.sizes() && r->is_contiguous(), "residual: as the output");
+    e.residual = r->data_ptr<float>();
   }
   std::vector<uint8_t>& workspace = thread_workspace();
   const size_t u_bytes = (N * Hp * Wp * a.nb * a.L + 63) / 64 * 64, need = u_bytes + N * Hp * Wp * a.nb * sizeof(float);
@@ -313,17 +333,18 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alph
   a.u = workspace.data();
   a.step = reinterpret_cast<float*>(workspace.data() + u_bytes);
   encode(x, bits, act_block, a.L, pads, workspace.data(), reinterpret_cast<float*>(workspace.data() + u_bytes));
-  const int64_t OH = (Hp - dh * (kh - 1) - 1) / sh + 1, OW = (Wp - dw * (kw - 1) - 1) / sw + 1;
-  TORCH_CHECK(OH > 0 && OW > 0, "the input is smaller than the kernel");
   std::vector<int64_t> tap_off(a.T);
   for (int64_t t = 0; t < a.T; t++) tap_off[t] = (t / kw) * dh * Wp + (t % kw) * dw;
   a.tap_off = tap_off.data();
-  auto out = nchw ? at::empty({N, a.Op, OH, OW}, alpha.options()) : at::empty({N, OH, OW, a.Op}, alpha.options());
-  run(a, N, Hp, Wp, OH, OW, sh, sw, nchw, out.data_ptr<float>());
+  if (use_vnni)
+    vnni::run(a, e, N, Hp, Wp, OH, OW, sh, sw);
+  else
+    bw::run(a, e, N, Hp, Wp, OH, OW, sh, sw);
   return out;
 }
 
 TORCH_LIBRARY_FRAGMENT(dsq, m) {
+  m.def("int_isas() -> str[]", &isas);
   m.def("int_workspace_bytes() -> int", &workspace_bytes);
   m.def("release_int_workspace() -> ()", &release_workspace);
 }
@@ -331,4 +352,5 @@ TORCH_LIBRARY_FRAGMENT(dsq, m) {
 TORCH_LIBRARY_IMPL(dsq, CPU, m) {
   m.impl("int_conv", TORCH_FN(conv));
   m.impl("bfp_encode_u8", TORCH_FN(bfp_encode_u8));
+  m.impl("bfp_round", TORCH_FN(bfp_round));
 }
