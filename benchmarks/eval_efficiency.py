@@ -61,8 +61,16 @@ def timed(command: list[str]) -> tuple[dict, str]:
     return {**times, "load": load}, done.stdout
 
 
-def dsq_command(folder: Path, result: Path) -> list[str]:
-    return [str(DSQ), "eval", "efficientnet_lite0", "--data", str(folder), "--classes", str(WNIDS), "-q"] + [
+def dsq_command(folder: Path, result: Path, program: str = str(DSQ), classes: str = str(WNIDS)) -> list[str]:
+    return [
+        program,
+        "eval",
+        "efficientnet_lite0",
+        "--data",
+        str(folder),
+        "--classes",
+        classes,
+        "-q",
         "--json",
         str(result),
     ]
@@ -182,7 +190,9 @@ def main():
     record = {
         "machine": machine(),
         "images": images,
-        "command": " ".join(dsq_command(Path("FOLDER"), Path("RESULT.json"))),
+        "command": " ".join(
+            dsq_command(Path("FOLDER"), Path("RESULT.json"), "dsq", "../shared/data/imagenet-wnids.txt")
+        ),
         **summary,
         "runs": runs,
     }

