@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ..errors import DsqWarning
+from ..errors import DsqError, DsqWarning
 from .dsconv import is_dsconv, set_backend
 from .epilogue import Epilogue, batchnorm_epilogue, output_epilogue
 
@@ -74,7 +74,7 @@ def fuse_int(qmodel: nn.Module, kernel: str = "auto", backend: str = "int", chan
         children are fused one by one instead (with a DsqWarning naming it).
     """
     if backend not in ("int", "exact"):
-        raise ValueError(f"fused networks run on the int or exact backend, not {backend!r}")
+        raise DsqError(f"fused networks run on the int or exact backend, not {backend!r}")
     model = copy.deepcopy(qmodel).eval()
     set_backend(model, backend, kernel=kernel)
     fusions, untraced = {}, {}

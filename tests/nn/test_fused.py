@@ -238,6 +238,11 @@ def test_the_kernel_epilogue_equals_its_reference(case, channels_last, path):
     assert outputs[path].is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
+def test_fusing_for_the_simulate_backend_is_a_one_line_error(one_line_dsq_error):
+    qmodel, _ = dsq.quantize(Residual().eval(), bits=4, block=16)
+    assert "run on the int or exact backend, not 'simulate'" in one_line_dsq_error(fuse_int, qmodel, backend="simulate")
+
+
 def test_forcing_a_kernel_this_cpu_lacks_is_a_one_line_error(monkeypatch, one_line_dsq_error):
     from dsq.nn import int_plan
 
