@@ -123,11 +123,11 @@ def _fuse(gm: fx.GraphModule) -> dict[str, str]:
         nxt = _only_user(node)
         if nxt is not None and _is_batchnorm(nxt, modules):
             batchnorm, nxt = modules[nxt.target], _only_user(_take(chain, taken, nxt, "batchnorm"))
-        if nxt is not None and _residual_of(nxt, chain[-1]) is not None:
-            residual = _residual_of(nxt, chain[-1])
+        if nxt is not None and (found := _residual_of(nxt, chain[-1])) is not None:
+            residual = found
             nxt = _only_user(_take(chain, taken, nxt, "add"))
-        if nxt is not None and _clamp_of(nxt, modules) is not None:
-            clamp = _clamp_of(nxt, modules)
+        if nxt is not None and (found := _clamp_of(nxt, modules)) is not None:
+            clamp = found
             _take(chain, taken, nxt, "relu" if clamp == (0.0, math.inf) else "clamp")
         if not taken:
             continue
