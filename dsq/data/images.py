@@ -62,7 +62,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                     f"it has {image.width}x{image.height} pixels, over dsq's limit of {MAX_IMAGE_PIXELS} "
                     "(a decompression bomb?)"
                 )
-    except Image.UnidentifiedImageError:
+    # ImportError: once ultralytics is imported, its Image.open imports pi_heif for a format Pillow does not know
+    except (Image.UnidentifiedImageError, ImportError):
         reason = "the file is empty" if os.path.getsize(path) == 0 else "not an image format Pillow can decode"
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         reason = f"it declares more than {Image.MAX_IMAGE_PIXELS} pixels (a decompression bomb?)"

@@ -32,8 +32,10 @@ __all__ = [
 
 
 def n_blocks(length: int, block: int) -> int:
-    """How many blocks of `block` cover `length` elements (the last one may be short)."""
-    return -(-length // block)
+    """How many blocks of `block` cover `length` elements (the last one may be short). No negative
+    floor division: torch's TorchScript-based ONNX exporter, tracing `length` as a size, turns it into
+    a truncating one, which lost the ragged last block (docs/yolo.md)."""
+    return (length + block - 1) // block
 
 
 def block_width(length: int, block: int) -> int:

@@ -15,12 +15,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import DsqError
-from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequantize, quantize_weight
+from ..formats import ActFormat, BlockLayout, WeightFormat, bfp_quantize, dequantize, quantize_weight, round_scales
 from .exact_backend import ExactWeight
 from .int_backend import IntWeight
 from .int_kernel import rounds_bfp_fast
 from .int_plan import check_int_device, check_int_kernel
-from .trainable_layer import bfp_straight_through, trainable_mode, trained_weight, weight_parameter
+from .trainable_layer import LATENT, bfp_straight_through, trainable_mode, trained_weight, weight_parameter
 
 BACKENDS = ("simulate", "int", "exact")
 
@@ -58,6 +58,44 @@ class DSConvMixin:
         if self._cache is None or self._cache[0] != key:
             self._cache = (key, self._dequantized(trained))
         return self._cache[1]
+
+    def __getstate__(self) -> dict:
+        """Pickled (torch.save of the module, copy.deepcopy) without the cached float weight: a
+        pickle holds the integers and scales only, never a float copy (docs/yolo.md)."""
+        return {**super().__getstate__(), "_cache": None}
+
+    def __setattr__(self, name: str, value) -> None:
+        """A new `weight` is taken as a BatchNorm fold (`scale_outputs`): how torch's
+        fuse_conv_bn_eval and ultralytics' fuse() fold one (`conv.weight, conv.bias = ...`)."""
+        if name == "weight" and "vqk" in self.__dict__.get("_buffers", ()):
+            self.scale_outputs(output_scales(self._dequantized(weight_parameter(self)), value))
+        else:
+            super().__setattr__(name, value)
+
+    @torch.no_grad()
+    def scale_outputs(self, scale: torch.Tensor) -> None:
+        """Multiply output channel o by `scale[o]`: one multiply per output channel on the KDS (every
+        block lies within one output channel), rounded to the scale dtype; VQK and bias unchanged. A
+        trainable layer's KDS parameter stays unrounded (freeze rounds it) and its latent weight scales along."""
+        per_channel = scale.to(self.kds).reshape(-1, *[1] * (self.kds.dim() - 1))
+        if trainable_mode(self) is None:
+            what = f"folding into a {type(self).__name__}"
+            self.kds.copy_(round_scales(self.kds * per_channel, self.weight_format.scale_dtype, what))
+            return
+        self.kds.mul_(per_channel)
+        if LATENT in self._parameters:  # alpha * round(latent / alpha): both scaled, the same codes
+            self.latent.mul_(scale.to(self.latent).reshape(-1, *[1] * (self.latent.dim() - 1)))
+
+    @torch.no_grad()
+    def fold_batchnorm(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        """Fold the eval-mode BatchNorm `bn` that follows this layer into it: KDS times
+        gamma / sqrt(var + eps) per output channel (`scale_outputs`), bias (b - mean) * that + beta."""
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        shift = -bn.running_mean * scale if self.bias is None else (self.bias - bn.running_mean) * scale
+        if bn.affine:
+            scale, shift = scale * bn.weight, shift * bn.weight + bn.bias
+        self.scale_outputs(scale)
+        self.bias = nn.Parameter(shift.to(self.kds.dtype))
 
     def _dequantized(self, trained: torch.Tensor | None) -> torch.Tensor:
         if trained is None:
@@ -217,6 +255,31 @@ def set_backend(model: nn.Module, backend: str, kernel: str = "auto") -> list[st
         m.backend, m.int_kernel = backend, kernel
         m._cache = None  # the int and exact backends need no float32 weight
     return [name for name, m in layers.items() if m.runs_int]
+
+
+def output_scales(weight: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """The factors s, one per output channel, with `new` = s * `weight` (what folding a BatchNorm
+    makes of a weight); DsqError when `new` is not such a rescale of `weight`."""
+    if not isinstance(new, torch.Tensor) or new.shape != weight.shape:
+        raise DsqError(
+            f"a DSConv layer's weight is its integers times its scales: it takes only a rescale of each output "
+            f"channel (a BatchNorm fold) of shape {tuple(weight.shape)}, not {_shape_of(new)}; quantize the new weight"
+        )
+    tolerance = 4 * torch.finfo(new.dtype if new.is_floating_point() else weight.dtype).eps
+    old, new = weight.detach().double().flatten(1), new.detach().to(weight.device, torch.float64).flatten(1)
+    norm = (old * old).sum(1)
+    scale = torch.where(norm > 0, (old * new).sum(1) / norm.clamp_min(torch.finfo(torch.float64).tiny), 1.0)
+    residual = (new - scale[:, None] * old).abs().amax(1)
+    if (residual > tolerance * new.abs().amax(1)).any():
+        raise DsqError(
+            "a DSConv layer's weight is its integers times its scales: it takes only a rescale of each output "
+            "channel (a BatchNorm fold), not other new values; quantize the new weight (dsq.quantize)"
+        )
+    return scale
+
+
+def _shape_of(value) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"a {type(value).__name__}"
 
 
 def _tracing() -> bool:
