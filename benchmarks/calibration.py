@@ -141,7 +141,7 @@ def main() -> None:
         help="bits for the layers whose names match GLOB (repeatable; the first match wins)",
     )
     p.add_argument("--per-class", type=int, default=100, help="CIFAR-10 calibration images per class")
-    p.add_argument("--adapt-steps", type=int, default=dsq.calibration.DEFAULT_STEPS)
+    p.add_argument("--adapt-steps", type=int, default=None, help="[default: dsq's, sized to the model]")
     p.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
     p.add_argument("--output", default="calibration", help="write OUTPUT.json and OUTPUT.csv")
     args = p.parse_args()

@@ -28,15 +28,26 @@ KINDS = ("conv", "pointwise", "depthwise", "grouped", "linear", "image_input")
 # 4 bits (EfficientNet-Lite0 data-free: 23/100 with them at 4 bits, 75/100 at 8; docs/calibration.md):
 # they stay at 8 bits unless asked otherwise; the report shows it.
 DEFAULT_DEPTHWISE_BITS = 8
-# Calibration (dsq.calibrate). Distillation: steps, batch, and the rate of the KDS and latent weights
-# (biases and BatchNorm learn 10x faster; dsq.calibration.adapt).
+# Calibration (dsq.calibrate; dsq.calibration.plan sizes each stage from the model). Distillation:
+# its steps come from a budget of work, DEFAULT_ADAPT_WORK multiply-accumulate equivalents
+# (dsq.calibration.cost: MACs plus ELEMENT_MACS per activation value written; a step of a batch
+# costs teacher forward + student forward and backward), at most DEFAULT_STEPS, none where fewer
+# than 50 fit: ResNet-20 on CIFAR-10 keeps its 200 steps of 64 (6.4 T); EfficientNet-Lite0 at
+# 224x224 would get 17 of 32 (90 s on 2 cores), too few to help, so none (docs/calibration.md). The
+# batch is DEFAULT_BATCH, halved until its activations fit DEFAULT_ACT_MEMORY. Biases and BatchNorm
+# learn 10x faster (dsq.calibration.adapt).
 DEFAULT_STEPS = 200
+DEFAULT_ADAPT_WORK = 8 * 10**12
 DEFAULT_BATCH = 64
 DEFAULT_LR = 1e-4
-# Images the layer-by-layer refit runs on, all at once (memory: the network's activations of
-# that many images): each layer's input moments and mean come from all of their positions
-# (512 CIFAR images: 524 288 input vectors per layer at 32x32). ResNet-20 / CIFAR-10 at 4 bits
-# lost 0.27 points with 256 and 0.14 with 512 or 1000 (docs/calibration.md).
+# The activations a stage holds at once: bounds the distillation batch, the refit's images and
+# the chunks of the other stages.
+DEFAULT_ACT_MEMORY = 4 * 2**30
+# Images the layer-by-layer refit runs on, all at once (memory: a few of the network's largest
+# activations per image, kept under DEFAULT_ACT_MEMORY by taking fewer): each layer's input
+# moments and mean come from all of their positions (512 CIFAR images: 524 288 input vectors per
+# layer at 32x32). ResNet-20 / CIFAR-10 at 4 bits lost 0.27 points with 256 and 0.14 with 512 or
+# 1000 (docs/calibration.md).
 DEFAULT_FIT_IMAGES = 512
 
 
@@ -267,21 +278,21 @@ class CalibConfig:
     refit: bool = True
     bias: bool = False
     batchnorm: bool = False
-    adapt_steps: int = DEFAULT_STEPS
+    adapt_steps: int | None = None  # None: from the work budget (adapt_seconds alone: DEFAULT_STEPS)
     adapt_seconds: float | None = None
     adapt_weights: str = "fixed"
     adapt_lr: float = DEFAULT_LR
-    batch_size: int = DEFAULT_BATCH
-    fit_images: int = DEFAULT_FIT_IMAGES
+    batch_size: int | None = None  # None: DEFAULT_BATCH, fewer for large activations
+    fit_images: int | None = None  # None: DEFAULT_FIT_IMAGES, fewer for large activations
     seed: int = 0
 
     def __post_init__(self):
         for flag in ("act_search", "refit", "bias", "batchnorm"):
             if not isinstance(getattr(self, flag), bool):
                 raise DsqError(f"calibration {flag} must be true or false, got {_shown(getattr(self, flag))}")
-        for count, least in (("adapt_steps", 0), ("batch_size", 1)):
+        for count, least in (("adapt_steps", 0), ("batch_size", 1), ("fit_images", 1)):
             value = getattr(self, count)
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
                 raise DsqError(f"{count} must be a whole number of at least {least}, got {value!r}")
 
     def to_dict(self) -> dict:

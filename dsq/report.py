@@ -258,8 +258,13 @@ def _cells(columns: dict, items) -> list[list[str]]:
     return [[cell(item) for cell in columns.values()] for item in items]
 
 
+def _bits_cell(p: dict) -> str:
+    """A sweep point's weight bits, or "<=X" for a bit budget of X bits per weight."""
+    return str(p["bits"]) if p["bits"] is not None else f"<={p['target_bits']:g}"
+
+
 SWEEP_COLUMNS = {
-    "bits": lambda p: str(p["bits"]),
+    "bits": _bits_cell,
     "block": lambda p: str(p["block"]),
     "bits/w": lambda p: f"{p['bits_per_weight']:.2f}",
     "size": lambda p: _size(p["size_bytes"]),
@@ -268,15 +273,45 @@ SWEEP_COLUMNS = {
     "drop": lambda p: f"{p['drop_top1']:+.2f}",
 }
 
-SENSITIVITY_COLUMNS = {
+LAYER_COLUMNS = {
     "layer": lambda r: r["layer"],
     "kind": lambda r: r["kind"],
     "params": lambda r: f"{r['params']:,}",
     "bits": lambda r: str(r["bits"]),
+}
+
+SENSITIVITY_COLUMNS = {
+    **LAYER_COLUMNS,
     "only it quantized": lambda r: f"{r['only_top1']:.2f} ({r['only_drop']:+.2f})",
     "all but it": lambda r: f"{r['all_but_top1']:.2f} ({r['all_but_gain']:+.2f})",
     "damage": lambda r: f"{r['damage']:.2f}",
 }
+
+
+BUDGET_COLUMNS = {
+    **LAYER_COLUMNS,
+    "bits/w": lambda r: f"{r['bits_per_weight']:.2f}",
+    "cost": lambda r: f"{r['cost']:.2e}",
+}
+
+
+def budget_table(budget) -> str:
+    """One row per quantized layer of a `dsq.bit_budget.BitBudget`, in network order: the bits chosen and their cost."""
+    return _table(list(BUDGET_COLUMNS), _cells(BUDGET_COLUMNS, budget.rows()))
+
+
+def budget_summary(budget) -> str:
+    """What a bit budget asked, chose and measured, in one line."""
+    counts = {}
+    for bits in budget.policy.values():
+        counts[bits] = counts.get(bits, 0) + 1
+    widths = ", ".join(f"{count} at {bits}" for bits, count in sorted(counts.items()))
+    c = budget.costs
+    return (
+        f"bit budget: at most {budget.target:g} bits per weight, {budget.mean_bits:.3f} chosen (scales included); "
+        f"layers {widths} bits; cost {budget.cost:.3g} nats, measured on {c.images} images "
+        f"({c.samples} label draws each) in {c.seconds:.1f} s"
+    )
 
 
 def sweep_table(sweep) -> str:
@@ -306,18 +341,26 @@ def _save_png(figure, path) -> None:
 
 
 def plot_sweep(sweep, path) -> None:
-    """Top-1 against bits per weight (scales included), one line per block size, and the float baseline."""
+    """Top-1 against bits per weight (scales included), one line per block size (and a dashed one per
+    block for bit budgets), and the float baseline."""
     figure = _figure(7.5, 4.8)
     ax = figure.add_subplot()
     points = sweep.rows()
     for block in sweep.blocks:
-        line = sorted((p["bits_per_weight"], p["top1"], p["bits"]) for p in points if p["block"] == block)
-        if not line:
-            continue
-        x, y, _ = zip(*line)
-        color = ax.plot(x, y, marker="o", label=f"block {block}")[0].get_color()
-        for xi, yi, b in line:
-            ax.annotate(f"{b}b", (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=7, color=color)
+        color = None
+        for budget, style, label in ((False, "-o", f"block {block}"), (True, "--s", f"block {block}, bit budget")):
+            line = sorted(
+                (p["bits_per_weight"], p["top1"], _bits_cell(p))
+                for p in points
+                if p["block"] == block and (p["bits"] is None) == budget
+            )
+            if not line:
+                continue
+            x, y, _ = zip(*line)
+            color = ax.plot(x, y, style, color=color, label=label)[0].get_color()
+            for xi, yi, b in line:
+                text = b if budget else f"{b}b"
+                ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(3, 4), fontsize=7, color=color)
     base = sweep.results["float"]
     ax.axhline(base["top1"], color="black", linestyle="--", linewidth=1, label=f"float {base['top1']:.2f} %")
     method = sweep.settings["quantization"].get("method", "l2")

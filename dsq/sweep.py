@@ -1,4 +1,5 @@
-"""Accuracy over a grid of weight bits x block sizes: the float model once, then every point.
+"""Accuracy over a grid of weight bits x block sizes: the float model once, then every point;
+optionally bit budgets too (each layer's bits chosen for a mean bits per weight, dsq.bit_budget).
 
 sweep = Sweep([2, 4, 8], [16, 32], quant_config(method="l2"), output="sweep")
 sweep.run(model, dataset)          # writes sweep.json and sweep.csv after every pass
@@ -14,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .bit_budget import plan
+from .bit_budget_measure import Costs, measure_costs
 from .calibration import calibrate
 from .config import CalibConfig, QuantConfig
 from .convert import quantize
@@ -21,7 +24,7 @@ from .errors import DsqError
 from .fingerprint import tensor_digest
 from .formats.spec import MAX_BITS, MIN_BITS
 from .metrics import state_bytes
-from .resume import COUNT, POSITIVE, SECONDS, Builder, Check, ResumableRun, equal
+from .resume import COUNT, POSITIVE, SECONDS, Builder, Check, ResumableRun, equal, whole
 
 FLOAT = "float"
 
@@ -36,6 +39,22 @@ def point_of(name: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match and MIN_BITS <= int(match[1]) <= MAX_BITS else None
 
 
+def budget_name(target: float, block: int) -> str:
+    return f"t{target:g}/{block}"
+
+
+def budget_of(name: str) -> tuple[float, int] | None:
+    """(target bits, block) of a `budget_name`; None for any other name."""
+    match = re.fullmatch(r"t([0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?)/([1-9][0-9]{0,8})", name)
+    return (float(match[1]), int(match[2])) if match else None
+
+
+LAYER_BITS = Check(
+    "a mapping of globs to bits",
+    lambda v: isinstance(v, dict) and all(whole(MIN_BITS, MAX_BITS).test(b) for b in v.values()),
+)
+
+
 class Sweep(ResumableRun):
     """Every combination of `bits` and `blocks`, each point `config` with that weight bits and block
     (`point_config`).
@@ -44,6 +63,8 @@ class Sweep(ResumableRun):
     replaced at every point. `act_block_follows`: each point's activation block is its weight block
     (as dsq.config.quant_config does with an unset act_block), rather than the config's.
     `calibration`: (images, dsq.config.CalibConfig) to calibrate every point with.
+    `targets`: bit budgets (mean bits per weight, scales included), each a point at every block whose
+    layers' bits dsq.bit_budget chooses, measured on the calibration images, else on `budget_images`.
     """
 
     kind = "dsq sweep"
@@ -57,14 +78,22 @@ class Sweep(ResumableRun):
         *,
         act_block_follows: bool = True,
         calibration: tuple[torch.Tensor, CalibConfig] | None = None,
+        targets: Sequence[float] = (),
+        budget_images: torch.Tensor | None = None,
         **run_options,
     ):
         config = QuantConfig() if config is None else config
         if not isinstance(config, QuantConfig):
             raise DsqError(f"a sweep needs a dsq.config.QuantConfig, not a {type(config).__name__} value")
-        self.bits, self.blocks = list(bits), list(blocks)
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in targets):
+            raise DsqError(f"bit budget targets must be numbers (bits per weight), got {list(targets)!r}")
+        self.bits, self.blocks, self.targets = list(bits), list(blocks), [float(t) for t in targets]
         self.config, self.act_block_follows = config, act_block_follows
         self.calibration = calibration
+        self.budget_images = calibration[0] if calibration is not None else budget_images
+        if self.targets and self.budget_images is None:
+            raise DsqError("bit budgets are measured on images: give calibration images or budget_images")
+        self._costs: dict[int, Costs] = {}  # per block, measured once for all targets
         super().__init__(self._shared_settings(), **run_options)
 
     def _shared_settings(self) -> dict:
@@ -95,22 +124,30 @@ class Sweep(ResumableRun):
         builders = {FLOAT: lambda: (model, {"bits_per_weight": 32.0, "size_bytes": state_bytes(model)})}
         for bits, block in self.grid:
             builders[point_name(bits, block)] = lambda bits=bits, block=block: self._quantize(model, bits, block)
+        for target, block in self.budget_grid:
+            builders[budget_name(target, block)] = lambda t=target, block=block: self._budget(model, t, block)
         return builders
+
+    @property
+    def budget_grid(self) -> list[tuple[float, int]]:
+        return [(target, block) for target in self.targets for block in self.blocks]
 
     def facts(self, name: str) -> dict[str, Check] | None:
         if name == FLOAT:
             return {"bits_per_weight": equal(32.0), "size_bytes": COUNT}
-        point = point_of(name)
-        if point is None:
-            return None
-        return {
-            "bits": equal(point[0]),
-            "block": equal(point[1]),
-            "bits_per_weight": POSITIVE,
-            "size_bytes": COUNT,
-            "compression": POSITIVE,
-            "quantize_seconds": SECONDS,
-        }
+        sizes = {"bits_per_weight": POSITIVE, "size_bytes": COUNT, "compression": POSITIVE, "quantize_seconds": SECONDS}
+        point, budget = point_of(name), budget_of(name)
+        if point is not None:
+            return {"bits": equal(point[0]), "block": equal(point[1]), **sizes}
+        if budget is not None:
+            return {
+                "target_bits": equal(budget[0]),
+                "block": equal(budget[1]),
+                **sizes,
+                "measure_seconds": SECONDS,
+                "layer_bits": LAYER_BITS,
+            }
+        return None
 
     def inputs(self, model: nn.Module, dataset, indices: Sequence[int]) -> dict:
         """The model's and images' digests, and the calibration images' and options' (None without)."""
@@ -121,13 +158,26 @@ class Sweep(ResumableRun):
         return {**super().inputs(model, dataset, indices), "calibration": calibration}
 
     def _quantize(self, model: nn.Module, bits: int, block: int) -> tuple[nn.Module, dict]:
-        qmodel, report = quantize(model, self.point_config(bits, block))
+        qmodel, facts = self._quantized(model, self.point_config(bits, block))
+        return qmodel, {"bits": bits, "block": block, **facts}
+
+    def _budget(self, model: nn.Module, target: float, block: int) -> tuple[nn.Module, dict]:
+        """The point of `target` bits per weight at `block`: the layers' costs measured once per block."""
+        config = self.point_config(self.config.weight.bits, block)
+        if block not in self._costs:
+            self._costs[block] = measure_costs(model, config, self.budget_images, targets=self.targets)
+        budget = plan(self._costs[block], config, target)
+        qmodel, facts = self._quantized(model, budget.config)
+        facts = {**facts, "measure_seconds": budget.costs.seconds, "layer_bits": budget.layer_bits()}
+        return qmodel, {"target_bits": target, "block": block, **facts}
+
+    def _quantized(self, model: nn.Module, config: QuantConfig) -> tuple[nn.Module, dict]:
+        """`model` quantized with `config` (and calibrated, with a calibration), and its sizes."""
+        qmodel, report = quantize(model, config)
         if self.calibration is not None:
-            images, config = self.calibration
-            calibrate(model, qmodel, report, images, config)
+            images, calib_config = self.calibration
+            calibrate(model, qmodel, report, images, calib_config)
         return qmodel, {
-            "bits": bits,
-            "block": block,
             "bits_per_weight": report.mean_bits_per_weight,
             "size_bytes": report.model_quantized_bytes,
             "compression": report.compression,
@@ -137,21 +187,25 @@ class Sweep(ResumableRun):
     @property
     def pending(self) -> int:
         """Models (float included) still to evaluate."""
-        return sum(name not in self.results for name in [FLOAT, *(point_name(*p) for p in self.grid)])
+        names = [FLOAT, *(point_name(*p) for p in self.grid), *(budget_name(*p) for p in self.budget_grid)]
+        return sum(name not in self.results for name in names)
 
     def rows(self) -> list[dict]:
         """One row per finished point, in grid order, with the float baseline and the drop."""
         base = self.results.get(FLOAT)
         weight, act = self.config.weight, self.config.act
+        points = [(point_name(bits, block), bits, None, block) for bits, block in self.grid]
+        points += [(budget_name(target, block), None, target, block) for target, block in self.budget_grid]
         rows = []
-        for bits, block in self.grid:
-            r = self.results.get(point_name(bits, block))
+        for name, bits, target, block in points:
+            r = self.results.get(name)
             if r is None or base is None:
                 continue
             rows.append(
                 {
                     "model": self.settings.get("model"),
                     "bits": bits,
+                    "target_bits": target,
                     "block": block,
                     "act_bits": None if act is None else act.bits,
                     "method": weight.method,
@@ -173,4 +227,5 @@ class Sweep(ResumableRun):
         return rows
 
     def to_dict(self) -> dict:
-        return {**super().to_dict(), "grid": {"bits": self.bits, "block": self.blocks}}
+        grid = {"bits": self.bits, "block": self.blocks} | ({"target_bits": self.targets} if self.targets else {})
+        return {**super().to_dict(), "grid": grid}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -17,6 +18,9 @@ from .data import check_labels
 from .evaluate import Accuracy, evaluate
 from .models import LoadedModel
 
+if TYPE_CHECKING:
+    from .bit_budget import BitBudget
+
 
 @dataclass
 class QuantizeRun:
@@ -28,6 +32,7 @@ class QuantizeRun:
     accuracy: dict[str, Accuracy] = field(default_factory=dict)
     data: str | None = None
     seconds: float = 0.0
+    budget: BitBudget | None = None  # the per-layer bits chosen for a target, when one was given
 
     @property
     def drop(self) -> dict[str, float] | None:
@@ -53,6 +58,7 @@ class QuantizeRun:
             "quantization": self.report.to_dict(),
             "data": self.data,
             "accuracy": self.accuracy_dict(),
+            "bit_budget": self.budget.to_dict() if self.budget else None,
             "versions": versions(),
             "wall_seconds": self.seconds,
         }
@@ -74,16 +80,26 @@ def quantize_and_evaluate(
     calib_config: CalibConfig | None = None,
     transform=None,
     backend: str = "simulate",
+    target_bits: float | None = None,
 ) -> QuantizeRun:
     """Quantize `loaded.model` as `config` says, computing with `backend`; with `calib` (a folder
     of images, read through `transform`), calibrate it on `calib_images` of them (`dsq.calibrate`
     with `calib_config`); with a dataset, evaluate float and quantized on the same images, those
-    used to calibrate left out."""
+    used to calibrate left out. With `target_bits`, each layer's bits are chosen first
+    (`dsq.bit_budget`), measured on the calibration images, else on the dataset's."""
     started = time.perf_counter()
+    images = None
     if calib is not None:  # before quantizing: a bad folder fails first
         images, dataset = calibration_set(calib, calib_images, transform, dataset, progress=progress)
+    budget = None
+    if target_bits is not None:
+        from .bit_budget import bit_budget, budget_images  # it imports dsq.resume, which imports this module
+
+        probe = budget_images(images, dataset)
+        budget = bit_budget(loaded.model, config, probe, target_bits, progress=progress)
+        config = budget.config
     qmodel, report = quantize(loaded.model, config, backend=backend, progress=progress)
-    run = QuantizeRun(loaded, qmodel, report)
+    run = QuantizeRun(loaded, qmodel, report, budget=budget)
     if calib is not None:
         calibrate(loaded.model, qmodel, report, images, calib_config, source=str(calib), progress=progress)
     if dataset is not None:

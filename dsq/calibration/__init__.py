@@ -4,22 +4,26 @@
     images = load_images(calibration_files("calib/"), preset.transform())
     calibration = dsq.calibrate(model, qmodel, report, images)
 
-Stages, in order (each optional, see `calibrate`): choose each layer's activation mantissa
-bits and block within its bits per activation (`act_search`); refit every layer's VQK and KDS
-to its inputs, layer by layer (`sequential`); correct each layer's output mean (bias);
-re-estimate BatchNorm statistics; distillation from the float network (`adapt`). The report gains each
-layer's output SQNR before and after, the images used and the time of every stage.
+First a plan (`plan_calibration`): what one image costs the model sizes the images of each stage and the
+distillation's steps and batch. Stages, in order (each optional, see `calibrate`): choose each
+layer's activation mantissa bits and block within its bits per activation (`act_search`); refit
+every layer's VQK and KDS to its inputs, layer by layer (`sequential`); correct each layer's
+output mean (bias); re-estimate BatchNorm statistics; distillation from the float network
+(`adapt`). The report gains the plan, each layer's output SQNR before and after, the images used
+and the time of every stage.
 """
 
 from __future__ import annotations
 
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn as nn
 
-from ..config import DEFAULT_FIT_IMAGES, DEFAULT_STEPS, CalibConfig
+from ..config import DEFAULT_ACT_MEMORY, DEFAULT_ADAPT_WORK, DEFAULT_FIT_IMAGES, DEFAULT_STEPS, CalibConfig
 from ..errors import DsqError
 from ..evaluate import spread_indices
 from ..finite import all_finite
@@ -29,11 +33,15 @@ from .act_search import search_act_formats
 from .adapt import AdaptResult, adapt
 from .batchnorm import reestimate_batchnorm
 from .images import DEFAULT_CALIB_IMAGES, calibration_files, calibration_set, load_images
+from .plan import CalibPlan, plan_calibration
 from .sequential import refit_layers
 from .sqnr import output_sqnr
 
 __all__ = [
+    "CalibPlan",
     "CalibrationReport",
+    "DEFAULT_ACT_MEMORY",
+    "DEFAULT_ADAPT_WORK",
     "DEFAULT_CALIB_IMAGES",
     "DEFAULT_FIT_IMAGES",
     "DEFAULT_STEPS",
@@ -47,8 +55,9 @@ __all__ = [
 @dataclass
 class CalibrationReport:
     """What calibration did: images used (all of them by distillation and BatchNorm, `fit_images`
-    of them by the refit and bias stages and the SQNR), seconds per stage, per-layer output SQNR
-    (dB) before and after, and the distillation's losses."""
+    of them by the act search, refit and bias stages, `plan["probe_images"]` of those by the SQNR),
+    seconds per stage, per-layer output SQNR (dB) before and after, the distillation's losses,
+    and the plan (CalibPlan.to_dict: images, steps, batch, budget, estimated seconds)."""
 
     images: int
     fit_images: int
@@ -57,6 +66,7 @@ class CalibrationReport:
     sqnr_before: dict[str, float] = field(default_factory=dict)
     sqnr_after: dict[str, float] = field(default_factory=dict)
     adapt: AdaptResult | None = None
+    plan: dict | None = None
 
     @property
     def seconds(self) -> float:
@@ -93,12 +103,14 @@ def calibrate(
             network's. batchnorm: re-estimate BatchNorm statistics. adapt_steps > 0: distillation
             from `float_model` (`adapt_weights` "fixed" keeps the integers, "ste" re-derives them,
             "learned" learns each weight's rounding, AdaRound-style), stopped after `adapt_seconds`
-            if given. Seeded by `seed`.
+            if given. Seeded by `seed`. Left at None, `adapt_steps`, `batch_size` and `fit_images`
+            are sized to the model (dsq.calibration.plan: bounded work and memory).
         source: where the images came from, for the report.
-        progress: show progress bars.
+        progress: print the plan (one line on stderr) and show a progress bar per stage.
 
     Returns:
-        The CalibrationReport: images used, seconds per stage, per-layer output SQNR before and after.
+        The CalibrationReport: the plan, images used, seconds per stage, per-layer output SQNR
+        before and after.
 
     Example:
         >>> import torch, torch.nn as nn, dsq
@@ -106,7 +118,7 @@ def calibrate(
         >>> qmodel, report = dsq.quantize(model, bits=4)
         >>> result = dsq.calibrate(model, qmodel, report, torch.randn(16, 3, 8, 8), adapt_steps=0)
         >>> list(result.stages)
-        ['refit']
+        ['plan', 'sqnr_before', 'refit', 'sqnr_after']
     """
     if config is None:
         config = CalibConfig(**options)
@@ -114,42 +126,54 @@ def calibrate(
         raise DsqError(f"calibrate takes a CalibConfig or keyword settings, not both (got {', '.join(options)})")
     layers = _check_models(float_model, qmodel, report)
     _check_images(images, qmodel)
-    probe = images[spread_indices(len(images), config.fit_images)]
-    result = CalibrationReport(len(images), len(probe), source)
-    with torch.no_grad():
-        result.sqnr_before = output_sqnr(float_model, qmodel, list(layers), probe)
+    stages: dict[str, float] = {}
+    with _timed(stages, "plan"):
+        chosen = plan_calibration(float_model, images, config)
+    if progress:
+        print(chosen.describe(config), file=sys.stderr)
+    fit = images[spread_indices(len(images), chosen.fit_images)]
+    probe = fit[spread_indices(len(fit), chosen.probe_images)]
+    result = CalibrationReport(len(images), len(fit), source, stages, plan=chosen.to_dict())
+    sqnr = dict(names=list(layers), images=probe, chunk=chosen.batch_size, progress=progress)
+    with _timed(stages, "sqnr_before"):
+        result.sqnr_before = output_sqnr(float_model, qmodel, desc="output SQNR before", **sqnr)
     if config.act_search:
-        started = time.perf_counter()
-        search_act_formats(qmodel, layers, probe)
-        result.stages["act_search"] = time.perf_counter() - started
+        with _timed(stages, "act_search"):
+            search_act_formats(qmodel, layers, fit, progress=progress)
     if config.refit or config.bias:
-        started = time.perf_counter()
-        refit_layers(float_model, qmodel, layers, probe, fit_scales=config.refit, bias=config.bias, progress=progress)
-        result.stages["refit" if config.refit else "bias"] = time.perf_counter() - started
+        with _timed(stages, "refit" if config.refit else "bias"):
+            refit_layers(float_model, qmodel, layers, fit, fit_scales=config.refit, bias=config.bias, progress=progress)
         if config.refit and config.bias:
-            result.stages["bias"] = 0.0  # done in the same pass
+            stages["bias"] = 0.0  # done in the same pass
     if config.batchnorm:
-        started = time.perf_counter()
-        reestimate_batchnorm(qmodel, images)
-        result.stages["batchnorm"] = time.perf_counter() - started
-    if config.adapt_steps:
+        with _timed(stages, "batchnorm"):
+            reestimate_batchnorm(qmodel, images, chosen.batch_size, progress=progress)
+    if chosen.adapt_steps:
         result.adapt = adapt(
             float_model,
             qmodel,
             images,
-            steps=config.adapt_steps,
+            steps=chosen.adapt_steps,
             seconds=config.adapt_seconds,
-            batch_size=config.batch_size,
+            batch_size=chosen.batch_size,
             lr=config.adapt_lr,
             weights=config.adapt_weights,
             seed=config.seed,
             progress=progress,
         )
-        result.stages["adapt"] = result.adapt.seconds
-    with torch.no_grad():
-        result.sqnr_after = output_sqnr(float_model, qmodel, list(layers), probe)
+        stages["adapt"] = result.adapt.seconds
+    with _timed(stages, "sqnr_after"):
+        result.sqnr_after = output_sqnr(float_model, qmodel, desc="output SQNR after", **sqnr)
     _update_report(report, float_model, layers, result)
     return result
+
+
+@contextmanager
+def _timed(stages: dict[str, float], name: str):
+    """Adds the seconds the block takes to `stages` under `name`."""
+    started = time.perf_counter()
+    yield
+    stages[name] = time.perf_counter() - started
 
 
 def _check_models(float_model, qmodel, report) -> dict[str, nn.Module]:

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from ..formats import ActFormat, bfp_quantize
 from ..formats.spec import MIN_BITS
@@ -55,7 +56,9 @@ def candidate_sqnr(call: Call, fmt: ActFormat, chunk: int = 64) -> float:
     return sqnr_db(signal, noise)
 
 
-def search_act_formats(qmodel: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor) -> dict[str, ActFormat]:
+def search_act_formats(
+    qmodel: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, *, progress: bool = False
+) -> dict[str, ActFormat]:
     """Give every layer of `layers` (name -> DSConv module of `qmodel`) that has a BFP input the
     candidate setting with the best output SQNR on `images` (ties: its current one), layer by
     layer in execution order, each on the inputs that the settings chosen before it produce.
@@ -63,12 +66,14 @@ def search_act_formats(qmodel: nn.Module, layers: dict[str, nn.Module], images: 
     searched = {name: m for name, m in layers.items() if m.act_format is not None}
     current = {name: m.act_format for name, m in searched.items()}
     chosen: dict[str, ActFormat] = {}
+    bar = tqdm(total=len(searched), desc="activation search", unit="layer", disable=not progress)
 
     def choose(call: Call) -> torch.Tensor:
         options = candidates(current[call.name])
         scores = [candidate_sqnr(call, fmt) for fmt in options]
         best = options[scores.index(max(scores))]  # the first best: the current setting on a tie
         chosen[call.name] = call.layer.act_format = best
+        bar.update()
         return rounded_call(call, best).run()
 
     for layer in searched.values():
@@ -77,6 +82,7 @@ def search_act_formats(qmodel: nn.Module, layers: dict[str, nn.Module], images: 
         with torch.no_grad(), route_calls(qmodel, choose, searched):
             qmodel(images)
     finally:
+        bar.close()
         for name, layer in searched.items():
             layer.act_format = chosen.get(name, current[name])
     return chosen

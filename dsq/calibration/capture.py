@@ -50,10 +50,13 @@ class Call:
             return self.input.reshape(-1, self.input.shape[-1]).T[None]
         o = self.options
         kernel = self.layer.weight.shape[-2:]
-        x = F.pad(self.input, pad_amounts(o["padding"], kernel, _pair(o["dilation"])))
-        cols = F.unfold(x, kernel, dilation=o["dilation"], stride=o["stride"])  # (N, C*kh*kw, L)
-        groups = o["groups"]
-        return cols.unflatten(1, (groups, -1)).permute(1, 2, 0, 3).flatten(2)
+        pads = pad_amounts(o["padding"], kernel, _pair(o["dilation"]))
+        if tuple(kernel) == (1, 1) and not any(pads):  # a 1x1 conv multiplies each position: no unfold
+            sh, sw = _pair(o["stride"])
+            cols = self.input[:, :, ::sh, ::sw].flatten(2)
+        else:
+            cols = F.unfold(F.pad(self.input, pads), kernel, dilation=o["dilation"], stride=o["stride"])
+        return cols.unflatten(1, (o["groups"], -1)).permute(1, 2, 0, 3).flatten(2)  # cols: (N, C*kh*kw, L)
 
 
 def _options(func, args, kwargs) -> tuple[torch.Tensor, dict]:

@@ -9,6 +9,8 @@ import torch.nn as nn
 
 from .capture import Call, route_calls
 
+MOMENT_ELEMENTS = 2**25  # unfolded input values per chunk (128 MiB in float32, twice that while unfolding)
+
 
 @dataclass
 class InputMoments:
@@ -34,16 +36,16 @@ class InputMoments:
         self.count += patches.shape[2]
 
 
-def input_moments(call: Call, chunk: int = 64) -> InputMoments:
+def input_moments(call: Call, elements: int = MOMENT_ELEMENTS) -> InputMoments:
     """The moments of what a layer's kernel multiplies in `call`: its padded, BFP-rounded input,
-    unfolded, gathered `chunk` images at a time."""
-    moments = None
-    for start in range(0, len(call.input), chunk):
-        patches = call.part(start, start + chunk).patches()
-        if moments is None:
-            g, d, _ = patches.shape
-            moments = InputMoments(torch.zeros(g, d, d, dtype=torch.float64), torch.zeros(g, d, dtype=torch.float64), 0)
-        moments.add(patches)
+    unfolded, gathered in chunks of about `elements` unfolded values (the first image alone)."""
+    first = call.part(0, 1).patches()
+    g, d, _ = first.shape
+    moments = InputMoments(torch.zeros(g, d, d, dtype=torch.float64), torch.zeros(g, d, dtype=torch.float64), 0)
+    moments.add(first)
+    chunk = max(1, elements // first.numel())
+    for start in range(1, len(call.input), chunk):
+        moments.add(call.part(start, start + chunk).patches())
     return moments
 
 

@@ -48,7 +48,8 @@ def refit_layers(
     layer's scale dtype."""
     float_layers = dict(float_model.named_modules())
     targets, order = output_means(float_model, {n: float_layers[n] for n in layers}, images)
-    bar = tqdm(total=len(order), desc="refitting layers", unit="layer", disable=not progress)
+    desc = "refitting layers" if fit_scales else "correcting biases"
+    bar = tqdm(total=len(order), desc=desc, unit="layer", disable=not progress)
 
     def refit(call: Call) -> torch.Tensor:
         layer, moments = call.layer, input_moments(call)

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
+from pathlib import Path
 
 import click
 
-from ..calibration import DEFAULT_CALIB_IMAGES, DEFAULT_FIT_IMAGES, DEFAULT_STEPS
+from ..bit_budget_measure import DEFAULT_BUDGET_IMAGES
+from ..calibration import (
+    DEFAULT_ACT_MEMORY,
+    DEFAULT_ADAPT_WORK,
+    DEFAULT_CALIB_IMAGES,
+    DEFAULT_FIT_IMAGES,
+    DEFAULT_STEPS,
+)
 from ..config import DEFAULT_DEPTHWISE_BITS, CalibConfig, QuantConfig, quant_config
 from ..data import Preset, get_preset, open_dataset
 from ..data.folders import existing_folder
-from ..errors import DsqError
+from ..errors import DsqError, os_reason
 from ..fileio import check_outputs
 from ..formats import DEFAULT_ROUNDS, DEFAULT_SCALE_DTYPE, DEFAULT_SUM_WEIGHT, LAYOUTS, METHODS, SCALE_DTYPES
 from ..formats.spec import MAX_BITS, MIN_BITS
@@ -45,17 +54,59 @@ def stack(*decorators):
 
 
 class GlobBits(click.ParamType):
-    """'GLOB=BITS' -> (GLOB, BITS), BITS a valid weight bit width."""
+    """'GLOB=BITS', or a JSON file of {GLOB: BITS} (what `dsq quantize --policy-out` writes) -> a tuple
+    of (GLOB, BITS) pairs, each BITS a valid weight bit width."""
 
-    name = "GLOB=BITS"
+    name = "GLOB=BITS|FILE"
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
+        if os.path.isfile(value):
+            return self._policy(value, param, ctx)
         glob, _, bits = str(value).rpartition("=")
         if not glob or not bits.strip().isdigit() or not MIN_BITS <= int(bits) <= MAX_BITS:
-            self.fail(f"{value!r} is not GLOB=BITS with BITS from {MIN_BITS} to {MAX_BITS}, e.g. 'conv1=8'", param, ctx)
-        return glob, int(bits)
+            self.fail(
+                f"{value!r} is not GLOB=BITS with BITS from {MIN_BITS} to {MAX_BITS} (e.g. 'conv1=8') "
+                "nor a JSON policy file",
+                param,
+                ctx,
+            )
+        return ((glob, int(bits)),)
+
+    def _policy(self, path: str, param, ctx) -> tuple[tuple[str, int], ...]:
+        example = f'e.g. {{"conv1": 8, "layer1.*": {MIN_BITS}}}'
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            self.fail(f"cannot read {path}: {os_reason(error)}", param, ctx)
+        except ValueError:  # not UTF-8, or not JSON
+            self.fail(f"{path} is not a JSON file of {{glob: bits}}, {example}", param, ctx)
+        if not isinstance(data, dict) or not data:
+            self.fail(f"{path} must hold one non-empty JSON object mapping globs to bits, {example}", param, ctx)
+        for glob, bits in data.items():
+            if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+                self.fail(
+                    f"{path}: {glob!r} has bits {bits!r}, not a whole number from {MIN_BITS} to {MAX_BITS}", param, ctx
+                )
+        return tuple(data.items())
+
+
+class FloatList(click.ParamType):
+    """'3,3.5,4' -> [3.0, 3.5, 4.0] (duplicates dropped), each a number above 0."""
+
+    name = "X,X,..."
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, list):
+            return value
+        try:
+            numbers = [float(p) for p in str(value).split(",")]
+        except ValueError:
+            numbers = []
+        if not numbers or not all(0 < n < float("inf") for n in numbers):
+            self.fail(f"{value!r} is not a comma-separated list of numbers above 0, e.g. 3,3.5,4", param, ctx)
+        return list(dict.fromkeys(numbers))
 
 
 class IntList(click.ParamType):
@@ -182,7 +233,8 @@ recipe_options = stack(
                  help="Glob on layer names to keep float; repeatable."),
     click.option("--layer-bits", type=GlobBits(), multiple=True, default=(),
                  help="Give the layers whose names match GLOB BITS-bit weights instead of --bits "
-                      "(the first matching GLOB wins); repeatable, e.g. 'conv1=8'."),
+                      "(the first matching GLOB wins); repeatable, e.g. 'conv1=8', or a JSON file of "
+                      "{GLOB: BITS} such as --policy-out writes (replays a --target-bits policy)."),
     click.option("--depthwise-bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=DEFAULT_DEPTHWISE_BITS,
                  help="Bits of depthwise convs' weights (--layer-bits globs take precedence)."),
     click.option("--quantize-linear/--float-linear", default=False, help="Quantize linear layers too (as 1x1 convs)."),
@@ -193,6 +245,14 @@ recipe_options = stack(
 )
 
 format_options = stack(grid_options, recipe_options)
+
+BUDGET_HELP = (
+    "Choose each quantized layer's weight bits ({MIN}-{MAX}, depthwise convs and the image input included) so that "
+    "the mean bits per weight, scales included, is at most X and the summed measured cost (each layer's "
+    "added output KL, docs/bit-budget.md) is least; measured on at most {N} of the --calib images, spread "
+    "over them, else on at most {N} --data images spread over it (then also evaluated). --layer-bits layers "
+    "keep their bits (and count)."
+).format(MIN=MIN_BITS, MAX=MAX_BITS, N=DEFAULT_BUDGET_IMAGES)
 
 backend_option = click.option(
     "--backend",
@@ -218,7 +278,7 @@ def quant_options(o: dict) -> dict:
         act_block=o["act_block"],
         include=tuple(o["include"]),
         exclude=tuple(o["exclude"]),
-        layer_bits=dict(o["layer_bits"]),
+        layer_bits=dict(pair for pairs in o["layer_bits"] for pair in pairs),
         depthwise_bits=o["depthwise_bits"],
         quantize_linear=o["quantize_linear"],
         quantize_image_input=o["quantize_image_input"],
@@ -245,15 +305,18 @@ calib_options = stack(
                       "calibration images; before the refit."),
     click.option("--refit/--no-refit", default=True,
                  help="Refit each layer's integers and scales to its output on the calibration images."),
-    click.option("--refit-images", type=click.IntRange(min=1), default=DEFAULT_FIT_IMAGES,
-                 help="Calibration images the refit and bias correction run on, all at once (memory: the "
-                      "network's activations of that many images)."),
+    click.option("--refit-images", type=click.IntRange(min=1), default=None,
+                 help="Calibration images the refit and bias correction run on, all at once (memory: a few of the "
+                      f"network's largest activations per image)  [default: {DEFAULT_FIT_IMAGES}, fewer where "
+                      f"those would pass {DEFAULT_ACT_MEMORY // 2**30} GiB]"),
     click.option("--bias-correction/--no-bias-correction", default=False,
                  help="Give each quantized layer the float layer's mean output (adds a bias where none is)."),
     click.option("--bn-reestimate/--no-bn-reestimate", default=False,
                  help="Re-estimate BatchNorm statistics on the quantized network's activations."),
-    click.option("--adapt-steps", type=click.IntRange(min=0), default=DEFAULT_STEPS,
-                 help="Distillation steps: the float network teaches the quantized one (0: none)."),
+    click.option("--adapt-steps", type=click.IntRange(min=0), default=None,
+                 help="Distillation steps: the float network teaches the quantized one (0: none)  [default: as many "
+                      f"as a work budget of {DEFAULT_ADAPT_WORK / 1e12:g} T multiply-accumulate equivalents allows on "
+                      f"the model, at most {DEFAULT_STEPS}; {DEFAULT_STEPS} with --adapt-time]"),
     click.option("--adapt-time", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Stop distillation after this many seconds  [default: no limit]"),
     click.option("--adapt-weights", type=click.Choice(WEIGHT_MODES), default="fixed",

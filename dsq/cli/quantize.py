@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from .. import artifact, report
 from ..errors import DsqError
@@ -12,6 +13,7 @@ from ..fileio import write_json
 from ..models import load_model
 from ..workflow import quantize_and_evaluate
 from .options import (
+    BUDGET_HELP,
     OutputFile,
     backend_option,
     calib_config_from,
@@ -38,6 +40,18 @@ LOW_FLOAT_WARNING = 15.0  # points below the published top-1 that suggest wrong 
 @click.option(
     "-o", "--output", type=OutputFile(), help="Write the quantized model here (a safetensors file dsq loads again)."
 )
+@click.option(
+    "--target-bits",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    metavar="X",
+    help=BUDGET_HELP + "  [default: off: --bits everywhere]",
+)
+@click.option(
+    "--policy-out",
+    type=OutputFile(),
+    help="Write the --target-bits policy here as JSON {layer: bits}; --layer-bits FILE replays it.",
+)
 @backend_option
 @output_options
 @pass_options
@@ -46,6 +60,7 @@ def quantize_command(o):
 
     With --data, evaluate the float and the quantized model on the same images.
     """
+    check_budget_options(o)
     if artifact.is_dsq_file(o["model"]):
         raise DsqError(
             f"{o['model']} is already a quantized dsq model: evaluate it with `dsq eval`, "
@@ -67,10 +82,16 @@ def quantize_command(o):
         calib_config=calib_config_from(o),
         transform=preset.transform(),
         backend=o["backend"],
+        target_bits=o["target_bits"],
     )
     if run.data and dataset is not None and run.data != dataset.describe():
         click.echo(f"evaluated on: {run.data}", err=True)
+    if run.budget is not None:
+        show_budget(run.budget, quiet=o["quiet"])
     show_run(run, quiet=o["quiet"])
+    if o["policy_out"]:
+        write_json(o["policy_out"], run.budget.layer_bits())
+        click.echo(f"wrote {o['policy_out']}: replay it with --layer-bits {o['policy_out']}")
     if o["output"]:
         artifact.save(
             o["output"],
@@ -85,6 +106,35 @@ def quantize_command(o):
     if o["json_path"]:
         write_json(o["json_path"], run.to_dict())
         click.echo(f"wrote {o['json_path']}")
+
+
+def check_budget_options(o: dict) -> None:
+    """DsqError for --target-bits without images to measure on or with the options it replaces, and for
+    --policy-out without it."""
+    if o["target_bits"] is None:
+        if o["policy_out"]:
+            raise DsqError("--policy-out writes the policy that --target-bits chooses: give --target-bits too")
+        return
+    if not (o["calib"] or o["data"]):
+        raise DsqError("--target-bits measures each layer's cost on images: give --calib or --data")
+    given = click.get_current_context().get_parameter_source
+    clash = [
+        f"--{name.replace('_', '-')}" for name in ("bits", "depthwise_bits") if given(name) != ParameterSource.DEFAULT
+    ]
+    if clash:
+        raise DsqError(
+            f"--target-bits chooses every layer's bits, so {' and '.join(clash)} would be ignored: drop "
+            f"{'them' if len(clash) > 1 else 'it'}, or pin layers with --layer-bits"
+        )
+
+
+def show_budget(budget, quiet: bool = False) -> None:
+    """The policy a bit budget chose (unless quiet) and what it costs, in one line."""
+    if not quiet:
+        click.echo(report.budget_table(budget))
+        click.echo()
+    click.echo(report.budget_summary(budget))
+    click.echo()
 
 
 def file_size_note(written: str, source: str, float_state_bytes: int) -> str:

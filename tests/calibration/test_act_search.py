@@ -62,7 +62,7 @@ def test_the_search_keeps_every_layer_within_its_budget_and_runs_before_the_refi
     before = act_formats(qmodel)
     result = calibrate(model, qmodel, report, images(), act_search=True, adapt_steps=0)
     after = act_formats(qmodel)
-    assert list(result.stages) == ["act_search", "refit"]
+    assert list(result.stages) == ["plan", "sqnr_before", "act_search", "refit", "sqnr_after"]
     assert after != before  # something was chosen, or the budget check below proves nothing
     for name, fmt in after.items():
         if before[name] is None:

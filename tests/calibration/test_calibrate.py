@@ -37,7 +37,7 @@ def test_refit_lowers_the_output_error_on_held_out_inputs():
     result = calibrate(model, qmodel, report, images(name), adapt_steps=0)
     held_out = images(name, 16, seed=1)
     assert logit_error(model, qmodel, held_out) < 0.7 * logit_error(model, free, held_out)
-    assert list(result.stages) == ["refit"] and result.images == 48
+    assert list(result.stages) == ["plan", "sqnr_before", "refit", "sqnr_after"] and result.images == 48
     rows = [r for r in report.layers if r.quantized]
     assert all(r.out_sqnr_before_db is not None and r.out_sqnr_after_db is not None for r in rows)
     assert sum(r.out_sqnr_after_db for r in rows) > sum(r.out_sqnr_before_db for r in rows)

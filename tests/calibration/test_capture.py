@@ -27,6 +27,9 @@ LAYERS = {
     "grouped": nn.Conv2d(8, 4, 3, groups=2, padding=1),
     "depthwise": nn.Conv2d(8, 8, 3, groups=8, padding="same"),
     "tf same": SamePadConv(8, 6, 3, stride=2),
+    "pointwise": nn.Conv2d(8, 6, 1),
+    "pointwise strided grouped": nn.Conv2d(8, 6, 1, stride=2, groups=2),
+    "pointwise padded": nn.Conv2d(8, 6, 1, padding=1),
     "linear": nn.Linear(8, 5),
 }
 

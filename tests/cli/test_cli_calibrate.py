@@ -55,8 +55,9 @@ def test_the_table_and_json_show_output_sqnr_before_and_after(calibrated_run):
     rows = table_rows(result.stdout, "layer")
     assert list(rows) == RESNET20_CONVS + ["linear"]
     cal = j["quantization"]["calibration"]
-    assert cal["images"] == 40 and cal["fit_images"] == 24 and list(cal["stages"]) == ["refit", "adapt"]
-    assert cal["adapt"]["steps"] == 4
+    assert cal["images"] == 40 and cal["fit_images"] == 24
+    assert list(cal["stages"]) == ["plan", "sqnr_before", "refit", "adapt", "sqnr_after"]
+    assert cal["adapt"]["steps"] == cal["plan"]["adapt_steps"] == 4 and cal["plan"]["budget"] is None
     layers = [layer for layer in j["quantization"]["layers"] if layer["quantized"]]
     assert all(isinstance(layer["out_sqnr_before_db"], float) for layer in layers)
     assert sum(layer["out_sqnr_after_db"] for layer in layers) > sum(layer["out_sqnr_before_db"] for layer in layers)
