@@ -18,12 +18,13 @@ from conftest import IMAGENET_DEV, WNIDS, need
 pytestmark = pytest.mark.realdata
 
 
-def agreement(tmp_path, loaded, qmodel, dataset, side: int):
+def agreement(tmp_path, loaded, qmodel, dataset, side: int, backend: str = "int"):
+    """Top-1 and prediction agreement of the exported file in onnxruntime against dsq's `backend`."""
     import torch
 
     path = tmp_path / "model.onnx"
     dsq.export(qmodel, path, torch.zeros(2, 3, side, side))
-    set_backend(qmodel, "int")
+    set_backend(qmodel, backend)
     models = {"dsq": qmodel, "onnx": load_onnx(path)}
     return evaluate(models, dataset, batch_size=250, workers=2, progress=False)
 
@@ -44,6 +45,8 @@ def test_efficientnet_lite0_onnx_matches_dsq_on_imagenet_images(tmp_path):
     preset = get_preset(loaded.preset)
     dataset = open_dataset(need(IMAGENET_DEV), preset.transform(), need(WNIDS))
     qmodel, _ = dsq.quantize(loaded.model, progress=False)  # dsq's defaults: W4, depthwise at 8 bits, A8
-    acc = agreement(tmp_path, loaded, qmodel, dataset, preset.crop)
+    # against the simulated backend: dsq's integer one takes 0.9 s per 224x224 image here (issue 13);
+    # it matches the simulation layer by layer on Lite0 (test_int_backend.py::test_zoo_models_layer_by_layer)
+    acc = agreement(tmp_path, loaded, qmodel, dataset, preset.crop, backend="simulate")
     assert acc["onnx"].images == 100
     assert acc["onnx"].agreement >= 99

@@ -261,9 +261,8 @@ def test_onnx_exports(float_yolo, quantized, tmp_path, monkeypatch):
         errors[path.name] = ((got - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt()).item()
     print(errors)
     assert max(errors.values()) < 1e-2  # float summation order flips some BFP roundings; this net amplifies them
-    theirs_size = theirs.stat().st_size  # before the float export takes the same name
-    float_size = Path(float_yolo.export(format="onnx", imgsz=IMGSZ, device="cpu", verbose=False)).stat().st_size
-    assert ours.stat().st_size < 0.2 * float_size < 0.2 * theirs_size
+    float_size = 4 * sum(p.numel() for p in float_yolo.model.parameters())  # its float32 weights
+    assert ours.stat().st_size < 0.2 * float_size < 0.2 * theirs.stat().st_size
 
 
 def test_save_and_load_round_trip(float_yolo, quantized, tmp_path):
