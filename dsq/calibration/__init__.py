@@ -32,6 +32,7 @@ from ..quant_report import IMAGE_INPUT_ACT, QuantReport, layer_row
 from .act_search import search_act_formats
 from .adapt import AdaptResult, adapt
 from .batchnorm import reestimate_batchnorm
+from .cost import evaluating
 from .images import DEFAULT_CALIB_IMAGES, calibration_files, calibration_set, load_images
 from .plan import CalibPlan, plan_calibration
 from .sequential import refit_layers
@@ -216,15 +217,12 @@ def _check_images(images, qmodel: nn.Module) -> None:
         raise DsqError("no calibration images: pass a folder with images in it")
     if not all_finite(images):
         raise DsqError("the calibration images hold NaN or Inf values: check their preprocessing")
-    training = qmodel.training
     try:
-        with torch.no_grad():
-            qmodel.eval()(images[:1])
+        with evaluating(qmodel):
+            qmodel(images[:1])
     except (RuntimeError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise DsqError(f"the calibration images {list(images.shape)} do not fit the model ({reason})") from None
-    finally:
-        qmodel.train(training)
 
 
 def _update_report(

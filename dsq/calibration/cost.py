@@ -3,6 +3,7 @@ counted once by running it on one image (deterministic: the same on every machin
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,14 +53,20 @@ class ImageCost:
         return {"macs": self.macs, "elements": self.elements, "largest": self.largest, "work": self.work}
 
 
-@torch.no_grad()
-def image_cost(model: nn.Module, image: torch.Tensor) -> ImageCost:
-    """The ImageCost of `model` (in eval mode) on `image` (1, C, H, W)."""
+@contextmanager
+def evaluating(model: nn.Module):
+    """`model` in eval mode, without gradients, while active; its mode as it was after."""
     training = model.training
-    flops, elements = FlopCounterMode(display=False), _Elements()
     try:
-        with flops, elements:
-            model.eval()(image)
+        with torch.no_grad():
+            yield model.eval()
     finally:
         model.train(training)
+
+
+def image_cost(model: nn.Module, image: torch.Tensor) -> ImageCost:
+    """The ImageCost of `model` (in eval mode) on `image` (1, C, H, W)."""
+    flops, elements = FlopCounterMode(display=False), _Elements()
+    with evaluating(model), flops, elements:
+        model(image)
     return ImageCost(flops.get_total_flops() // 2, elements.total, elements.largest)

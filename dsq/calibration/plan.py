@@ -18,7 +18,7 @@ from ..config import (
     DEFAULT_STEPS,
     CalibConfig,
 )
-from .cost import ImageCost, image_cost
+from .cost import ImageCost, evaluating, image_cost
 
 BYTES = 4  # float32 activations
 STEP_PASSES = 4  # a distillation step per image: teacher forward, student forward, backward (2 forwards)
@@ -114,16 +114,12 @@ def plan_calibration(float_model: nn.Module, images: torch.Tensor, config: Calib
     return CalibPlan(n, fit, probe, steps, batch, budget, cost, speed, passes * speed)
 
 
-@torch.no_grad()
 def _seconds_per_pass(model: nn.Module, images: torch.Tensor) -> float:
     """Seconds of one image's float forward pass on this machine: the second of two passes over a
     few images (the first sets the kernels up for their shapes)."""
     x = images[:SPEED_IMAGES]
-    training = model.training
-    try:
-        model.eval()(x)
+    with evaluating(model):
+        model(x)
         started = time.perf_counter()
         model(x)
-        return (time.perf_counter() - started) / len(x)
-    finally:
-        model.train(training)
+    return (time.perf_counter() - started) / len(x)
