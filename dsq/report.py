@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -302,10 +303,7 @@ def budget_table(budget) -> str:
 
 def budget_summary(budget) -> str:
     """What a bit budget asked, chose and measured, in one line."""
-    counts = {}
-    for bits in budget.policy.values():
-        counts[bits] = counts.get(bits, 0) + 1
-    widths = ", ".join(f"{count} at {bits}" for bits, count in sorted(counts.items()))
+    widths = ", ".join(f"{count} at {bits}" for bits, count in sorted(Counter(budget.policy.values()).items()))
     c = budget.costs
     return (
         f"bit budget: at most {budget.target:g} bits per weight, {budget.mean_bits:.3f} chosen (scales included); "
