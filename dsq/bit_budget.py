@@ -1,12 +1,13 @@
-"""A bit budget: each quantized layer's weight bits, 2 to 8, chosen so that the mean bits per
-weight, scales included, is at most a target and the summed measured cost is least.
+"""A bit budget: each quantized layer's weight format (bits 2 to 8, in the config's blocks or in
+coarser flat ones) chosen so that the mean bits per weight, scales included, is at most a target
+and the summed measured cost is least.
 
     budget = bit_budget(model, QuantConfig(), images, target=4.6)  # measures, then allocates
     qmodel, report = dsq.quantize(model, budget.config)           # report.mean_bits_per_weight <= 4.6
-    budget.layer_bits()                                            # {exact glob: bits}: quant_config(layer_bits=...)
+    budget.layer_bits()  # {exact glob: bits or format}, what quant_config(layer_bits=...) takes
 
 The costs come from `dsq.bit_budget_measure`. The allocation is a multiple-choice knapsack,
-solved exactly as an integer program (scipy's HiGHS): one width per layer, the layers' bits
+solved exactly as an integer program (scipy's HiGHS): one format per layer, the layers' bits
 summed at most target x weights; exact rather than greedy on the convex hull of each cost
 curve, since measured curves are not convex and a greedy fill leaves up to one large layer's
 step of the budget unspent.
@@ -25,6 +26,7 @@ from torch import nn
 from .bit_budget_measure import (
     DEFAULT_BUDGET_IMAGES,
     DEFAULT_SAMPLES,
+    Choice,
     Costs,
     LayerCost,
     check_target,
@@ -39,13 +41,13 @@ from .evaluate import spread_indices
 from .sensitivity import exact_glob
 
 
-def allocate(layers: list[LayerCost], target: float) -> dict[str, int]:
-    """{layer name: weight bits} of least summed cost whose mean bits per weight (scales included)
-    is at most `target`; DsqError when no choice of widths reaches it (`check_target`)."""
+def allocate(layers: list[LayerCost], target: float) -> dict[str, Choice]:
+    """{layer name: format} of least summed cost whose mean bits per weight (scales included) is
+    at most `target`; DsqError when no choice of formats reaches it (`check_target`)."""
     check_target(layers, target)
-    options = [(layer.name, bits) for layer in layers for bits in sorted(layer.bits)]
-    cost = np.array([layer.cost[bits] for layer in layers for bits in sorted(layer.bits)])
-    size = np.array([layer.bits[bits] for layer in layers for bits in sorted(layer.bits)], dtype=float)
+    options = [(layer, choice) for layer in layers for choice in layer.bits]
+    cost = np.array([layer.cost[choice] for layer, choice in options])
+    size = np.array([layer.bits[choice] for layer, choice in options], dtype=float)
     one_each = np.zeros((len(layers), len(options)))
     column = 0
     for row, layer in enumerate(layers):
@@ -61,30 +63,33 @@ def allocate(layers: list[LayerCost], target: float) -> dict[str, int]:
     )
     if result.x is None:
         raise DsqError(f"the bit allocation found no solution ({result.message}): try another --target-bits")
-    return {name: bits for (name, bits), x in zip(options, result.x) if x > 0.5}
+    return {layer.name: choice for (layer, choice), x in zip(options, result.x) if x > 0.5}
 
 
 @dataclass
 class BitBudget:
-    """The widths chosen for a target (`policy`: layer name -> bits), from the measured `costs`,
-    and the config that quantizes with them (`config`)."""
+    """The formats chosen for a target (`policy`: layer name -> Choice), from the measured
+    `costs`, and the config that quantizes with them (`config`)."""
 
     target: float
     base: QuantConfig
     costs: Costs
-    policy: dict[str, int]
+    policy: dict[str, Choice]
 
     @property
     def config(self) -> QuantConfig:
         """`base` with one exact-name rule per quantized layer first (its kind rules that set bits
         dropped: the policy decides those layers)."""
-        rules = tuple(LayerRule(name=exact_glob(name), bits=bits) for name, bits in self.policy.items())
+        rules = tuple(
+            LayerRule(name=exact_glob(name), bits=c.bits, block=c.block, layout=c.layout)
+            for name, c in self.policy.items()
+        )
         free = free_config(self.base)
         return replace(free, rules=rules + free.rules)
 
-    def layer_bits(self) -> dict[str, int]:
-        """The policy as {glob: bits}, what `--layer-bits FILE` and quant_config(layer_bits=...) take."""
-        return {exact_glob(name): bits for name, bits in self.policy.items()}
+    def layer_bits(self) -> dict[str, int | dict]:
+        """The policy as {glob: bits or format}, what `--layer-bits FILE` and quant_config(layer_bits=...) take."""
+        return {exact_glob(name): c.value for name, c in self.policy.items()}
 
     @property
     def mean_bits(self) -> float:
@@ -95,16 +100,18 @@ class BitBudget:
         return sum(layer.cost[self.policy[layer.name]] for layer in self.costs.layers)
 
     def rows(self) -> list[dict]:
-        """One row per quantized layer, in network order: its chosen bits, bits per weight and cost."""
+        """One row per quantized layer, in network order: its chosen format, bits per weight and cost."""
         return [
             {
                 "layer": layer.name,
                 "kind": layer.kind,
                 "params": layer.params,
-                "bits": self.policy[layer.name],
+                "bits": self.policy[layer.name].bits,
+                "block": self.policy[layer.name].block or self.base.weight.block,
+                "layout": self.policy[layer.name].layout or self.base.weight.layout,
                 "bits_per_weight": round(layer.bits[self.policy[layer.name]] / layer.params, 4),
                 "cost": layer.cost[self.policy[layer.name]],
-                "costs": {str(bits): cost for bits, cost in sorted(layer.cost.items())},
+                "costs": {str(c): cost for c, cost in sorted(layer.cost.items(), key=lambda item: item[0].key)},
             }
             for layer in self.costs.layers
         ]
@@ -135,11 +142,15 @@ def bit_budget(
     *,
     samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
+    refit: bool = False,
     progress: bool = False,
 ) -> BitBudget:
-    """Measure every layer's cost at every width on `images` (`measure_costs`), then choose the widths
-    of least summed cost at most `target` bits per weight, scales included."""
-    costs = measure_costs(model, config, images, targets=(target,), samples=samples, seed=seed, progress=progress)
+    """Measure every layer's cost in every format on `images` (`measure_costs`; `refit`: as the
+    calibration's refit will start them), then choose the formats of least summed cost at most
+    `target` bits per weight, scales included."""
+    costs = measure_costs(
+        model, config, images, targets=(target,), samples=samples, seed=seed, refit=refit, progress=progress
+    )
     return plan(costs, config, target)
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 import fnmatch
 import reprlib
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from .errors import DsqError
 from .formats import DEFAULT_ROUNDS, DEFAULT_SCALE_DTYPE, DEFAULT_SUM_WEIGHT, ActFormat, WeightFormat
-from .formats.spec import check_bits, check_block
+from .formats.spec import check_bits, check_block, check_layout
 
 CONFIG_VERSION = 1  # the layout of QuantConfig.to_dict / CalibConfig.to_dict
 # Layer kinds a rule can name: a layer has its kind (conv, depthwise, grouped, linear) and, where
@@ -58,13 +58,16 @@ def _shown(value) -> str:
 @dataclass(frozen=True)
 class LayerRule:
     """Which layers (`name`: a glob on layer names, or `kind`: one of KINDS) get what: `bits`-bit
-    weights instead of the config's, or float weights (`keep_float`); a rule with neither keeps
-    the config's format for them (and stops later rules)."""
+    weights, blocks of `block` or the `layout` instead of the config's (each left None keeps the
+    config's), or float weights (`keep_float`); a rule with none of them keeps the config's format
+    for them (and stops later rules)."""
 
     name: str | None = None
     kind: str | None = None
     bits: int | None = None
     keep_float: bool = False
+    block: int | None = None
+    layout: str | None = None
 
     def __post_init__(self):
         if (self.name is None) == (self.kind is None):
@@ -80,12 +83,34 @@ class LayerRule:
             raise DsqError(f"a layer rule's keep_float must be true or false, got {_shown(self.keep_float)}")
         if self.bits is not None:
             check_bits(self.bits, f"bits of layer rule {self.label}")
-            if self.keep_float:
-                raise DsqError(f"layer rule {self.label} both keeps layers float and gives them {self.bits} bits")
+        if self.block is not None:
+            check_block(self.block, f"block of layer rule {self.label}")
+        if self.layout is not None:
+            check_layout(self.layout)
+        if self.keep_float and self.changes:
+            raise DsqError(f"layer rule {self.label} both keeps layers float and gives them {self.changes}")
 
     @property
     def label(self) -> str:
         return f"name={self.name!r}" if self.name is not None else f"kind={self.kind!r}"
+
+    @property
+    def changes(self) -> str:
+        """What the rule changes of the config's weight format, in words ("" when nothing)."""
+        bits = f"{self.bits} bits" if self.bits is not None else ""
+        if self.block is None and self.layout is None:
+            return bits
+        blocks = " ".join(filter(None, [self.layout, "blocks", self.block and f"of {self.block}"]))
+        return f"{bits} in {blocks}" if bits else blocks
+
+    def to_dict(self) -> dict:
+        """Its fields, less a block and layout it leaves to the config (as files before them held)."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k not in ("block", "layout")}
+
+    def weight_format(self, base: WeightFormat) -> WeightFormat:
+        """`base` with what this rule sets (bits, block, layout)."""
+        given = {"bits": self.bits, "block": self.block, "layout": self.layout}
+        return replace(base, **{key: value for key, value in given.items() if value is not None})
 
     def matches(self, name: str, kinds: Iterable[str]) -> bool:
         """Whether the layer `name`, of `kinds`, is one this rule is about."""
@@ -95,11 +120,12 @@ class LayerRule:
         """What the report says of a layer this rule decided ("" when it changed nothing to say)."""
         if self.keep_float:
             return f"excluded by pattern {self.name!r}" if self.name is not None else f"{self.kind} layer kept float"
-        if self.bits is None:
+        if not self.changes:
             return ""
         if self.name is not None:
-            return f"{self.bits} bits by pattern {self.name!r}"
-        return f"{self.kind}: {self.bits} bits ({self.kind} rule)" if self.bits != base_bits else ""
+            return f"{self.changes} by pattern {self.name!r}"
+        same = self.bits in (None, base_bits) and self.block is None and self.layout is None
+        return "" if same else f"{self.kind}: {self.changes} ({self.kind} rule)"
 
 
 DEFAULT_RULES = (LayerRule(kind="linear", keep_float=True), LayerRule(kind="depthwise", bits=DEFAULT_DEPTHWISE_BITS))
@@ -145,7 +171,7 @@ class QuantConfig:
             "version": CONFIG_VERSION,
             "weight": asdict(self.weight),
             "act": asdict(self.act) if self.act else None,
-            "rules": [asdict(rule) for rule in self.rules],
+            "rules": [rule.to_dict() for rule in self.rules],
             "include": list(self.include),
             "quantize_image_input": self.quantize_image_input,
         }
@@ -186,7 +212,7 @@ def quant_config(
     act_block: int | None = None,
     include=("*",),
     exclude=(),
-    layer_bits: Mapping[str, int] | None = None,
+    layer_bits: Mapping[str, int | Mapping] | None = None,
     depthwise_bits: int | None = DEFAULT_DEPTHWISE_BITS,
     quantize_linear: bool = False,
     quantize_image_input: bool = False,
@@ -196,13 +222,14 @@ def quant_config(
     (the `method` fit, `rounds` refinements, `sum_weight`, `layout`, scales in `scale_dtype`);
     inputs rounded to `act_bits`-bit BFP over `act_block` channels (default: `block`; act_bits
     None: float inputs); rules, in this order: linear layers float unless `quantize_linear`, the
-    `exclude` globs float, the `layer_bits` globs (glob -> bits) at their bits, depthwise convs at
+    `exclude` globs float, the `layer_bits` globs at theirs (glob -> bits, or glob -> {"bits", "block",
+    "layout"}: any of them, `layer_rule`), depthwise convs at
     `depthwise_bits` (None: `bits`); only layers matching an `include` glob are quantized."""
     weight = WeightFormat(bits, block, method, rounds, layout, sum_weight, scale_dtype)
     act = ActFormat(act_bits, block if act_block is None else act_block) if act_bits is not None else None
     rules = [] if quantize_linear else [LayerRule(kind="linear", keep_float=True)]
     rules += [LayerRule(name=glob, keep_float=True) for glob in globs(exclude, "exclude")]
-    rules += [LayerRule(name=glob, bits=b) for glob, b in _layer_bits(layer_bits).items()]
+    rules += _layer_rules(layer_bits)
     if depthwise_bits is not None:
         rules.append(LayerRule(kind="depthwise", bits=check_bits(depthwise_bits, "depthwise bits")))
     return QuantConfig(weight, act, tuple(rules), globs(include, "include"), quantize_image_input)
@@ -218,13 +245,29 @@ def globs(patterns, what: str) -> tuple[str, ...]:
     return found
 
 
-def _layer_bits(layer_bits) -> dict[str, int]:
-    """`layer_bits` (None or a mapping glob -> bits) as a checked dict."""
+def _layer_rules(layer_bits) -> list[LayerRule]:
+    """The rules of `layer_bits` (None, or a mapping glob -> bits or format: `layer_rule`)."""
     if layer_bits is None:
-        return {}
+        return []
     if not isinstance(layer_bits, Mapping) or not all(isinstance(g, str) for g in layer_bits):
         raise DsqError(f"layer_bits must map globs (strings) to bits, e.g. {{'layer1.*': 8}}, got {_shown(layer_bits)}")
-    return {glob: check_bits(b, f"bits of layer glob {glob!r}") for glob, b in layer_bits.items()}
+    return [layer_rule(glob, value) for glob, value in layer_bits.items()]
+
+
+FORMAT_KEYS = ("bits", "block", "layout")
+
+
+def layer_rule(glob: str, value) -> LayerRule:
+    """The rule of one `layer_bits` entry: glob -> bits, or glob -> a format {"bits": 3, "block":
+    256, "layout": "flat"} (any of the three; what a bit budget's policy holds)."""
+    if not isinstance(value, Mapping):
+        return LayerRule(name=glob, bits=check_bits(value, f"bits of layer glob {glob!r}"))
+    if not value or not set(value) <= set(FORMAT_KEYS) or not all(isinstance(k, str) for k in value):
+        raise DsqError(
+            f"layer glob {glob!r} has the format {_shown(value)}: give bits, or an object of "
+            f"{', '.join(FORMAT_KEYS)} (any of them), e.g. {{'bits': 3, 'block': 256, 'layout': 'flat'}}"
+        )
+    return LayerRule(name=glob, **value)
 
 
 # Settings of files written before configs had versions: required keys, and the defaults of keys

@@ -7,7 +7,6 @@ import fnmatch
 import itertools
 import time
 import warnings
-from dataclasses import replace
 
 import torch
 import torch.fx
@@ -202,7 +201,7 @@ def _unmatched_globs(config: QuantConfig, names: list[str]) -> list[str]:
     """A warning for each include glob and rule glob of `config` that matches none of `names`."""
     globs = [("include", glob) for glob in config.include]
     globs += [
-        ("exclude" if r.keep_float else "layer_bits" if r.bits else "rule", r.name)
+        ("exclude" if r.keep_float else "layer_bits" if r.changes else "rule", r.name)
         for r in config.rules
         if r.name is not None
     ]
@@ -235,6 +234,6 @@ def _layer_format(
         return None, rule.note(config.weight.bits)
     if not any(fnmatch.fnmatchcase(name, glob) for glob in config.include):
         return None, "matches no include pattern"
-    if rule is None or rule.bits is None:
+    if rule is None:
         return config.weight, ""
-    return replace(config.weight, bits=rule.bits), rule.note(config.weight.bits)
+    return rule.weight_format(config.weight), rule.note(config.weight.bits)

@@ -179,7 +179,7 @@ def rules_text(config: QuantConfig) -> str:
 
     def text(rule: LayerRule) -> str:
         what = repr(rule.name) if rule.name is not None else rule.kind
-        return f"{what} {'float' if rule.keep_float else f'{rule.bits} bits' if rule.bits else 'as configured'}"
+        return f"{what} {'float' if rule.keep_float else rule.changes or 'as configured'}"
 
     return ", ".join(map(text, config.rules)) or "-"
 
@@ -291,24 +291,26 @@ SENSITIVITY_COLUMNS = {
 
 BUDGET_COLUMNS = {
     **LAYER_COLUMNS,
+    "block/layout": lambda r: f"{r['block']}/{r['layout']}",
     "bits/w": lambda r: f"{r['bits_per_weight']:.2f}",
     "cost": lambda r: f"{r['cost']:.2e}",
 }
 
 
 def budget_table(budget) -> str:
-    """One row per quantized layer of a `dsq.bit_budget.BitBudget`, in network order: the bits chosen and their cost."""
+    """One row per quantized layer of a `dsq.bit_budget.BitBudget`, in network order: the format chosen and its cost."""
     return _table(list(BUDGET_COLUMNS), _cells(BUDGET_COLUMNS, budget.rows()))
 
 
 def budget_summary(budget) -> str:
     """What a bit budget asked, chose and measured, in one line."""
-    widths = ", ".join(f"{count} at {bits}" for bits, count in sorted(Counter(budget.policy.values()).items()))
+    counts = sorted(Counter(budget.policy.values()).items(), key=lambda item: item[0].key)
+    widths = ", ".join(f"{count} at {choice}" for choice, count in counts)
     c = budget.costs
     return (
         f"bit budget: at most {budget.target:g} bits per weight, {budget.mean_bits:.3f} chosen (scales included); "
-        f"layers {widths} bits; cost {budget.cost:.3g} nats, measured on {c.images} images "
-        f"({c.samples} label draws each) in {c.seconds:.1f} s"
+        f"layers {widths}; cost {budget.cost:.3g} nats{' after a refit' if c.refit else ''}, measured on "
+        f"{c.images} images ({c.samples} label draws each) in {c.seconds:.1f} s"
     )
 
 

@@ -18,13 +18,13 @@ from torch import nn
 from .bit_budget import plan
 from .bit_budget_measure import Costs, measure_costs
 from .calibration import calibrate
-from .config import CalibConfig, QuantConfig
+from .config import CalibConfig, QuantConfig, layer_rule
 from .convert import quantize
 from .errors import DsqError
 from .fingerprint import tensor_digest
 from .formats.spec import MAX_BITS, MIN_BITS
 from .metrics import state_bytes
-from .resume import COUNT, POSITIVE, SECONDS, Builder, Check, ResumableRun, equal, whole
+from .resume import COUNT, POSITIVE, SECONDS, Builder, Check, ResumableRun, equal
 
 FLOAT = "float"
 
@@ -50,9 +50,17 @@ def budget_of(name: str) -> tuple[float, int] | None:
 
 
 LAYER_BITS = Check(
-    "a mapping of globs to bits",
-    lambda v: isinstance(v, dict) and all(whole(MIN_BITS, MAX_BITS).test(b) for b in v.values()),
+    "a mapping of globs to bits or formats", lambda v: isinstance(v, dict) and all(map(_is_format, v.items()))
 )
+
+
+def _is_format(item) -> bool:
+    """Whether (glob, value) is a `layer_bits` entry (dsq.config.layer_rule)."""
+    try:
+        layer_rule(*item)
+    except DsqError:
+        return False
+    return True
 
 
 class Sweep(ResumableRun):
@@ -165,7 +173,8 @@ class Sweep(ResumableRun):
         """The point of `target` bits per weight at `block`: the layers' costs measured once per block."""
         config = self.point_config(self.config.weight.bits, block)
         if block not in self._costs:
-            self._costs[block] = measure_costs(model, config, self.budget_images, targets=self.targets)
+            refit = self.calibration is not None and self.calibration[1].refit  # costs as calibration starts them
+            self._costs[block] = measure_costs(model, config, self.budget_images, targets=self.targets, refit=refit)
         budget = plan(self._costs[block], config, target)
         qmodel, facts = self._quantized(model, budget.config)
         facts = {**facts, "measure_seconds": budget.costs.seconds, "layer_bits": budget.layer_bits()}

@@ -96,7 +96,8 @@ def quantize_and_evaluate(
         from .bit_budget import bit_budget, budget_images  # it imports dsq.resume, which imports this module
 
         probe = budget_images(images, dataset)
-        budget = bit_budget(loaded.model, config, probe, target_bits, progress=progress)
+        refit = images is not None and (calib_config or CalibConfig()).refit  # costs as calibration starts them
+        budget = bit_budget(loaded.model, config, probe, target_bits, refit=refit, progress=progress)
         config = budget.config
     qmodel, report = quantize(loaded.model, config, backend=backend, progress=progress)
     run = QuantizeRun(loaded, qmodel, report, budget=budget)

@@ -58,7 +58,11 @@ def test_round_trip_through_json():
     config = QuantConfig(
         WeightFormat(bits=3, block=8, scale_dtype="float32"),
         ActFormat(6, 16),
-        (LayerRule(name="layer1.*", keep_float=True), LayerRule(kind="pointwise", bits=6)),
+        (
+            LayerRule(name="layer1.*", keep_float=True),
+            LayerRule(kind="pointwise", bits=6),
+            LayerRule(name="layer2.*", bits=2, block=256, layout="flat"),
+        ),
         include=("layer*",),
         quantize_image_input=True,
     )
@@ -80,6 +84,9 @@ def test_round_trip_through_json():
         (lambda d: d["rules"].append({"name": "x", "kind": "linear"}), "kind"),
         (lambda d: d["rules"].append({"kind": "diagonal"}), "diagonal"),
         (lambda d: d["rules"].append({"name": "x", "bits": 4, "keep_float": True}), "float"),
+        (lambda d: d["rules"].append({"name": "x", "block": 256, "keep_float": True}), "blocks of 256"),
+        (lambda d: d["rules"].append({"name": "x", "block": -1}), "block"),
+        (lambda d: d["rules"].append({"name": "x", "layout": "diagonal"}), "diagonal"),
     ],
 )
 def test_from_dict_refuses_what_does_not_fit(edit, named, one_line_dsq_error):
@@ -136,6 +143,18 @@ def test_one_entry_puts_every_1x1_conv_at_6_bits():
     config = QuantConfig(rules=(LayerRule(kind="pointwise", bits=6), *QuantConfig().rules))
     _, report = dsq.quantize(Net(), config)
     assert {r.name: r.bits for r in report.quantized_layers} == {"c1": 4, "dw": 8, "pw": 6, "c3": 4}
+
+
+def test_a_rule_sets_blocks_and_layout_and_says_so():
+    """A rule's block and layout replace the config's for its layers (what a bit budget's coarse
+    format is); its other fields stay the config's; rules without them write the files of before."""
+    config = quant_config(bits=3, layer_bits={"c3": {"bits": 2, "block": 128, "layout": "flat"}, "pw": {"block": 8}})
+    _, report = dsq.quantize(Net(), config)
+    rows = {r.name: (r.bits, r.block, r.layout, r.note) for r in report.layers}
+    assert rows["c3"] == (2, 128, "flat", "2 bits in flat blocks of 128 by pattern 'c3'")
+    assert rows["pw"] == (3, 8, "channel", "blocks of 8 by pattern 'pw'")
+    assert rows["c1"][:3] == (3, 32, "channel")
+    assert "block" not in LayerRule(name="c1", bits=8).to_dict()
 
 
 def test_a_rule_that_changes_nothing_stops_later_rules():

@@ -17,7 +17,7 @@ from ..calibration import (
     DEFAULT_FIT_IMAGES,
     DEFAULT_STEPS,
 )
-from ..config import DEFAULT_DEPTHWISE_BITS, CalibConfig, QuantConfig, quant_config
+from ..config import DEFAULT_DEPTHWISE_BITS, CalibConfig, QuantConfig, layer_rule, quant_config
 from ..data import Preset, get_preset, open_dataset
 from ..data.folders import existing_folder
 from ..errors import DsqError, os_reason
@@ -54,8 +54,9 @@ def stack(*decorators):
 
 
 class GlobBits(click.ParamType):
-    """'GLOB=BITS', or a JSON file of {GLOB: BITS} (what `dsq quantize --policy-out` writes) -> a tuple
-    of (GLOB, BITS) pairs, each BITS a valid weight bit width."""
+    """'GLOB=BITS', or a JSON file of {GLOB: BITS or format} (what `dsq quantize --policy-out`
+    writes; a format is {"bits": 3, "block": 256, "layout": "flat"}, any of them) -> a tuple of
+    (GLOB, value) pairs, each value checked (dsq.config.layer_rule)."""
 
     name = "GLOB=BITS|FILE"
 
@@ -74,7 +75,7 @@ class GlobBits(click.ParamType):
             )
         return ((glob, int(bits)),)
 
-    def _policy(self, path: str, param, ctx) -> tuple[tuple[str, int], ...]:
+    def _policy(self, path: str, param, ctx) -> tuple[tuple[str, int | dict], ...]:
         example = f'e.g. {{"conv1": 8, "layer1.*": {MIN_BITS}}}'
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -84,11 +85,11 @@ class GlobBits(click.ParamType):
             self.fail(f"{path} is not a JSON file of {{glob: bits}}, {example}", param, ctx)
         if not isinstance(data, dict) or not data:
             self.fail(f"{path} must hold one non-empty JSON object mapping globs to bits, {example}", param, ctx)
-        for glob, bits in data.items():
-            if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-                self.fail(
-                    f"{path}: {glob!r} has bits {bits!r}, not a whole number from {MIN_BITS} to {MAX_BITS}", param, ctx
-                )
+        for glob, value in data.items():
+            try:
+                layer_rule(glob, value)
+            except DsqError as error:
+                self.fail(f"{path}: {error}", param, ctx)
         return tuple(data.items())
 
 
@@ -234,7 +235,8 @@ recipe_options = stack(
     click.option("--layer-bits", type=GlobBits(), multiple=True, default=(),
                  help="Give the layers whose names match GLOB BITS-bit weights instead of --bits "
                       "(the first matching GLOB wins); repeatable, e.g. 'conv1=8', or a JSON file of "
-                      "{GLOB: BITS} such as --policy-out writes (replays a --target-bits policy)."),
+                      "{GLOB: BITS} or {GLOB: {\"bits\": 3, \"block\": 256, \"layout\": \"flat\"}} such as "
+                      "--policy-out writes (replays a --target-bits policy)."),
     click.option("--depthwise-bits", type=click.IntRange(MIN_BITS, MAX_BITS), default=DEFAULT_DEPTHWISE_BITS,
                  help="Bits of depthwise convs' weights (--layer-bits globs take precedence)."),
     click.option("--quantize-linear/--float-linear", default=False, help="Quantize linear layers too (as 1x1 convs)."),

@@ -24,17 +24,26 @@ def budget_run(tmp_path_factory):
     return result, json.loads(policy.read_text()), json.loads(report.read_text()), policy
 
 
+def formats(policy: dict) -> dict[str, tuple[int, int]]:
+    """{layer: (bits, block)} of a policy file: bits at the config's block 32, or a format."""
+    return {name: (v, 32) if isinstance(v, int) else (v["bits"], v["block"]) for name, v in policy.items()}
+
+
+def chosen(layers: list[dict]) -> dict[str, tuple[int, int]]:
+    return {layer["name"]: (layer["bits"], layer["block"]) for layer in layers if layer["quantized"]}
+
+
 def test_prints_the_policy_table_and_keeps_the_budget(budget_run):
     result, policy, report, _ = budget_run
     rows = table_rows(result.stdout, "layer")
     assert list(rows) == RESNET20_CONVS
     assert [cells[:3] for cells in rows.values()][0][0] == "conv"
-    assert {name: int(cells[2]) for name, cells in rows.items()} == policy
+    assert {name: (int(cells[2]), int(cells[3].split("/")[0])) for name, cells in rows.items()} == formats(policy)
     assert "bit budget: at most 3 bits per weight" in result.stdout
     assert report["quantization"]["mean_bits_per_weight"] <= 3.0
     assert report["bit_budget"]["layer_bits"] == policy
-    assert {layer["name"]: layer["bits"] for layer in report["quantization"]["layers"] if layer["quantized"]} == policy
-    assert len(set(policy.values())) > 1  # mixed precision, not one width everywhere
+    assert chosen(report["quantization"]["layers"]) == formats(policy)
+    assert len(set(formats(policy).values())) > 1  # mixed, not one format everywhere
 
 
 def test_layer_bits_file_replays_the_policy(budget_run, tmp_path):
@@ -42,7 +51,7 @@ def test_layer_bits_file_replays_the_policy(budget_run, tmp_path):
     result = run_dsq("quantize", RESNET20, "--layer-bits", policy_file, "-q", "--json", tmp_path / "replay.json")
     assert result.exit_code == 0, result.output
     replay = json.loads((tmp_path / "replay.json").read_text())["quantization"]["layers"]
-    assert {layer["name"]: layer["bits"] for layer in replay if layer["quantized"]} == policy
+    assert chosen(replay) == formats(policy)
 
 
 @pytest.mark.parametrize(
@@ -78,6 +87,9 @@ def test_an_unreachable_target_names_the_range():
         ("{}", ["JSON object"]),
         ('{"conv1": 9}', ["'conv1'", "9"]),
         ('{"conv1": 4.5}', ["'conv1'", "4.5"]),
+        ('{"conv1": {"bits": 3, "block": 0}}', ["'conv1'", "block", "0"]),
+        ('{"conv1": {"bits": 3, "layout": "diagonal"}}', ["'diagonal'", "flat"]),
+        ('{"conv1": {"bits": 3, "blocks": 256}}', ["'conv1'", "blocks"]),
     ],
 )
 def test_a_bad_policy_file_is_a_usage_error(tmp_path, content, keywords):

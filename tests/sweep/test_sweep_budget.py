@@ -26,7 +26,13 @@ def test_budget_points_beside_uniform_ones_and_resumed(tmp_path):
     assert data["grid"]["target_bits"] == [3.0, 3.5]
     budget = {p["target_bits"]: p for p in data["points"] if p["target_bits"] is not None}
     assert budget[3.0]["bits_per_weight"] <= 3.0 and budget[3.5]["bits_per_weight"] <= 3.5
-    assert data["results"]["t3/32"]["layer_bits"]["conv1"] in range(2, 9)
+    policy = data["results"]["t3/32"]["layer_bits"]  # every conv: bits, or bits in flat blocks of 8 x 32
+    assert len(policy) == 19 and all(
+        v in range(2, 9)
+        if isinstance(v, int)
+        else v["bits"] in range(2, 9) and (v["block"], v["layout"]) == (256, "flat")
+        for v in policy.values()
+    )
     with open(tmp_path / "sw.csv", newline="") as file:
         assert [row["target_bits"] for row in csv.DictReader(file)] == ["", "3.0", "3.5"]
     again = run_dsq(*args)
