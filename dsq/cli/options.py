@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from ..bit_budget_measure import DEFAULT_BUDGET_IMAGES
+from ..bit_budget_measure import COARSE, DEFAULT_BUDGET_IMAGES
 from ..calibration import (
     DEFAULT_ACT_MEMORY,
     DEFAULT_ADAPT_WORK,
@@ -249,12 +249,12 @@ recipe_options = stack(
 format_options = stack(grid_options, recipe_options)
 
 BUDGET_HELP = (
-    "Choose each quantized layer's weight bits ({MIN}-{MAX}, depthwise convs and the image input included) so that "
-    "the mean bits per weight, scales included, is at most X and the summed measured cost (each layer's "
-    "added output KL, docs/bit-budget.md) is least; measured on at most {N} of the --calib images, spread "
-    "over them, else on at most {N} --data images spread over it (then also evaluated). --layer-bits layers "
-    "keep their bits (and count)."
-).format(MIN=MIN_BITS, MAX=MAX_BITS, N=DEFAULT_BUDGET_IMAGES)
+    "Choose each quantized layer's weight bits ({MIN}-{MAX}, depthwise convs and the image input included), in "
+    "--block blocks or in flat blocks {C}x as long, so that the mean bits per weight, scales included, is at most "
+    "X and the summed measured cost (each layer's added output KL, after a refit when the calibration refits; "
+    "docs/bit-budget.md) is least; measured on at most {N} of the --calib images, spread over them, else on at "
+    "most {N} --data images spread over it (then also evaluated). --layer-bits layers keep their bits (and count)."
+).format(MIN=MIN_BITS, MAX=MAX_BITS, N=DEFAULT_BUDGET_IMAGES, C=COARSE)
 
 backend_option = click.option(
     "--backend",

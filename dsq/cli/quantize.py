@@ -50,7 +50,7 @@ LOW_FLOAT_WARNING = 15.0  # points below the published top-1 that suggest wrong 
 @click.option(
     "--policy-out",
     type=OutputFile(),
-    help="Write the --target-bits policy here as JSON {layer: bits}; --layer-bits FILE replays it.",
+    help="Write the --target-bits policy here as JSON {layer: bits or format}; --layer-bits FILE replays it.",
 )
 @backend_option
 @output_options
