@@ -11,7 +11,7 @@ forward and `samples` backward passes per chunk of images measure every layer in
 once; the quantized outputs come from the layers `dsq.quantize` makes in each format, so layouts,
 BFP inputs and scale dtypes are those of the final model. With `refit` (the calibration will
 refit), each of those layers is first fitted to its float inputs' moments, as the calibration's
-refit fits it (dsq.calibration.scales.fit_to_inputs): the cost is then the one that calibration
+refit fits it (dsq.calibration.scales.refit_layer): the cost is then the one that calibration
 starts from. On ResNet-20 the unfitted costs rank the first stage's small layers as the most
 sensitive, yet after calibration they lose nothing at 2 bits (docs/bit-budget.md).
 """
@@ -34,11 +34,10 @@ from .calibration.capture import route_calls
 from .calibration.cost import evaluating, image_cost
 from .calibration.inputs import input_moments
 from .calibration.plan import BYTES, REFIT_COPIES
-from .calibration.scales import fit_to_inputs
+from .calibration.scales import refit_layer
 from .config import DEFAULT_ACT_MEMORY, QuantConfig
 from .convert import quantize
 from .errors import DsqError, DsqWarning
-from .formats import round_scales
 from .formats.spec import MAX_BITS, MIN_BITS
 
 WIDTHS = range(MIN_BITS, MAX_BITS + 1)
@@ -210,10 +209,7 @@ def _fit_to_float_inputs(model: nn.Module, layers: dict, images: torch.Tensor) -
     def fit(call):
         second = input_moments(call).second
         for _, layer in layers[call.name].values():
-            fmt = layer.weight_format
-            vqk, kds = fit_to_inputs(call.layer.weight, second, layer.layout, fmt.bits, fmt.rounds, fmt.sum_weight)
-            layer.vqk.copy_(vqk)
-            layer.kds.copy_(round_scales(kds, fmt.scale_dtype, f"layer {call.name!r}"))
+            refit_layer(layer, call.layer.weight, second, call.name)
         return call.run()
 
     with torch.no_grad(), evaluating(model), route_calls(model, fit, {name: floats[name] for name in layers}):

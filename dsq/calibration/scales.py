@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats import BlockLayout, fit_l2
+from ..formats import BlockLayout, fit_l2, round_scales
 from ..formats.weights import code_range
 
 DAMPING = 0.01  # added to H's diagonal, as a fraction of its mean: keeps H^-1 well conditioned
@@ -111,3 +111,12 @@ def fit_to_inputs(
     vqk = torch.empty_like(codes)
     vqk[:, :, order] = codes
     return (vqk.reshape(weight.shape).to(torch.int8), alpha.reshape(layout.scale_shape).float())
+
+
+def refit_layer(layer: torch.nn.Module, weight: torch.Tensor, second: torch.Tensor, name: str) -> None:
+    """Set a DSConv layer's VQK and KDS to `fit_to_inputs` of the float `weight` on inputs of
+    second moments `second`, in the layer's own format (scales rounded to its scale dtype)."""
+    fmt = layer.weight_format
+    vqk, kds = fit_to_inputs(weight, second, layer.layout, fmt.bits, fmt.rounds, fmt.sum_weight)
+    layer.vqk.copy_(vqk)
+    layer.kds.copy_(round_scales(kds, fmt.scale_dtype, f"layer {name!r}"))

@@ -7,10 +7,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..formats import round_scales
 from .capture import Call, route_calls
 from .inputs import InputMoments, input_moments, output_means
-from .scales import fit_to_inputs
+from .scales import refit_layer
 
 
 def ensure_bias(layer: nn.Module) -> torch.Tensor:
@@ -54,12 +53,7 @@ def refit_layers(
     def refit(call: Call) -> torch.Tensor:
         layer, moments = call.layer, input_moments(call)
         if fit_scales:
-            fmt = layer.weight_format
-            vqk, kds = fit_to_inputs(
-                float_layers[call.name].weight, moments.second, layer.layout, fmt.bits, fmt.rounds, fmt.sum_weight
-            )
-            layer.vqk.copy_(vqk)
-            layer.kds.copy_(round_scales(kds, fmt.scale_dtype, f"layer {call.name!r}"))
+            refit_layer(layer, float_layers[call.name].weight, moments.second, call.name)
         if bias:
             correct_bias(layer, moments, targets[call.name])
         bar.update()
