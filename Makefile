@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 # torch/torchvision releases that pair with each other; override for another platform.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist, whole files each; tests/conftest.py shares the cores among them):
+# much of the suite is single-threaded Python (tracing, exports, subprocesses), so two beat one.
+TEST_WORKERS ?= 2
 
 .PHONY: demo lint test test-fast bench clean
 
@@ -26,10 +29,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check dsq tests benchmarks
 
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest --fast
+	$(BIN)/python -m pytest --fast -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/quantize_time.py

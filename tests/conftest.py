@@ -4,9 +4,10 @@ This is the only conftest.py of the suite, so test modules import its helpers by
 (`from conftest import CIFAR, need`); tests/ is on sys.path for the plain helper modules too
 (`zoo`, `dsq_cli_testkit`). It imports no dsq module at load time: `--fast` must be seen first.
 
-Tiers: `pytest` (`make test`) runs everything. `pytest --fast` (`make test-fast`) leaves out the
-tests marked `realdata`, `kernel` or `slow`, skips any other test that asks `need()` for real
-data, and runs the integer backend without its compiled kernel.
+Tiers: `pytest` (`make test`: in TEST_WORKERS processes of pytest-xdist) runs everything.
+`pytest --fast` (`make test-fast`) leaves out the tests marked `realdata`, `kernel` or `slow`,
+skips any other test that asks `need()` for real data, and runs the integer backend without its
+compiled kernel.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def pytest_configure(config):
     _fast = config.getoption("--fast")
     if _fast:
         os.environ["DSQ_INT_KERNEL"] = "0"  # the integer backend's own switch: the eager path, no compile
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:  # a pytest-xdist worker: the cores shared out, here and in the dsq processes it starts
+        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def pytest_collection_modifyitems(config, items):

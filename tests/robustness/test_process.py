@@ -38,7 +38,14 @@ def _start(*args, cwd: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_interruptible,
     )
+
+
+def _interruptible() -> None:
+    """Ctrl-C back to its default in the child: a test runner's worker (pytest-xdist) may ignore
+    it, and an ignored signal stays ignored across exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _run(*args, **kwargs) -> subprocess.CompletedProcess:
