@@ -1,10 +1,11 @@
 """What the int kernel's tiles reach, in MACs per cycle on one core, against the peak of the unit
 they use, and what the per-block epilogue costs: one 3x3 conv (256 -> 256 channels, 28x28,
 batch 4, 1.85 GMAC), 4-bit weights, BFP8 inputs, channels-last, one thread, interleaved medians.
-Each instruction set's tiles run with the others forced off (set_backend's `kernel`), at block 32
-(dsq's default: one float64 epilogue per 32 MACs) and block 256 (one per 256). Beside them:
-torch's x86 int8 conv (oneDNN, per-channel) and float32 conv on the same shape. Cycles are
-seconds times the clock that /proc/cpuinfo states. Writes int_kernel_peak.json.
+Each instruction set's tiles (AMX-INT8, VNNI, AVX-512BW: those this CPU has) run with the others
+forced off (set_backend's `kernel`), at block 32 (dsq's default: one float64 epilogue per 32
+MACs) and block 256 (one per 256). Beside them: torch's x86 int8 conv (oneDNN, per-channel) and
+float32 conv on the same shape. Cycles are seconds times the clock that /proc/cpuinfo states.
+Writes int_kernel_peak.json.
 
     python int_kernel_peak.py      # from benchmarks/
 """
@@ -26,9 +27,10 @@ from dsq.nn import int_kernel, set_backend
 from common import print_table
 
 SHAPE = dict(batch=4, channels=256, side=28, kernel=3)
-# MACs per instruction of the inner loop, and the instructions per cycle this model assumes: one
-# 512-bit integer multiply (or float FMA) per cycle and core.
-PEAK = {"vnni": 64, "avx512bw": 32, "float32 FMA": 16}
+# MACs per cycle and core of the unit each run uses: one 512-bit integer multiply (or float FMA)
+# per cycle for the vector units (its MACs per instruction); AMX-INT8: one tdpbusd of 16 x 16
+# outputs over 64 channels (16 384 MACs) per 16 cycles, which units of 32 channels fill only half.
+PEAK = {"amx": 1024, "vnni": 64, "avx512bw": 32, "float32 FMA": 16}
 
 
 def clock_hz() -> float:
@@ -61,7 +63,7 @@ def main() -> None:
     rows, results = [], {}
     for name, t in times.items():
         per_cycle = macs / (t * hz)
-        unit = next((u for u in ("vnni", "avx512bw") if u in name), "float32 FMA" if name == "float32" else None)
+        unit = next((u for u in ("amx", "vnni", "avx512bw") if u in name), "float32 FMA" if name == "float32" else None)
         share = f"{100 * per_cycle / PEAK[unit]:.0f} %" if unit else ""
         rows.append([name, f"{t * 1e3:.1f}", f"{macs / t / 1e9:.1f}", f"{per_cycle:.1f}", PEAK.get(unit, ""), share])
         results[name] = dict(seconds=t, gmac_per_s=macs / t / 1e9, macs_per_cycle=per_cycle, peak=PEAK.get(unit))

@@ -201,14 +201,14 @@ def set_backend(model: nn.Module, backend: str, kernel: str = "auto") -> list[st
 
     `kernel` chooses how "int" runs: "auto" takes the C++ CPU kernel (dsq/nn/csrc) where it
     applies (ungrouped convs and linear layers with channel-layout weights, on a CPU with
-    AVX-512), with the best instruction set here (VNNI, else AVX-512BW), and the eager path
-    elsewhere; "vnni" or "avx512bw" force those tiles (DsqError where the CPU lacks them);
-    "eager" takes the eager path everywhere. The result is the same bit for bit.
+    AVX-512), with the best instruction set here (AMX-INT8, else VNNI, else AVX-512BW), and the
+    eager path elsewhere; "amx", "vnni" or "avx512bw" force those tiles (DsqError where the CPU
+    lacks them); "eager" takes the eager path everywhere. The result is the same bit for bit.
 
     Args:
         model: a model with DSConv layers (from dsq.quantize or dsq.load), changed in place.
         backend: "simulate", "int" or "exact" (BACKENDS).
-        kernel: "auto", "vnni", "avx512bw" or "eager" (INT_KERNELS), for the "int" backend.
+        kernel: "auto", "amx", "vnni", "avx512bw" or "eager" (INT_KERNELS), for the "int" backend.
 
     Returns:
         The names of the DSConv layers that now run on integers (none unless `backend` is

@@ -11,8 +11,8 @@
   simulated backend does to a layer's input).
 
 Each has an eager reference implementation here (torch ops, any device) and a meta one (shapes
-only). The CPU implementations are C++ in dsq/nn/csrc (int_conv.cpp, and int_tile.h compiled once
-for AVX-512BW and once for AVX-512 VNNI): compiled on first use (about a minute) by
+only). The CPU implementations are C++ in dsq/nn/csrc (int_conv.cpp, and int_tile.h compiled for
+AVX-512BW, for AVX-512 VNNI and for AMX-INT8): compiled on first use (about a minute) by
 torch.utils.cpp_extension under a name that holds the torch version and the sources' hash, so
 that an upgrade of either builds afresh, and cached under TORCH_EXTENSIONS_DIR. Loading it
 registers them for CPU tensors, over the references, together with `dsq::int_isas` (the
@@ -80,28 +80,39 @@ def rounds_bfp_fast(x: torch.Tensor, dim: int) -> bool:
 
 def kernel_isas() -> list[str]:
     """The instruction sets whose tiles the C++ kernel runs with on this CPU, best last
-    ("avx512bw", then "vnni" where the CPU has AVX-512 VNNI); none without the kernel."""
+    ("avx512bw", then "vnni" where the CPU has AVX-512 VNNI, then "amx" where it has AMX-INT8 and
+    the OS lets this process use it); none without the kernel."""
     return list(torch.ops.dsq.int_isas()) if cpu_kernel_available() else []
 
 
-def build_name() -> str:
-    """The extension's name: the torch version and the sources' hash, so either change rebuilds."""
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(_FLAGS).encode()).hexdigest()[:12]
+def build_name(flags: list[str] = _FLAGS) -> str:
+    """The extension's name: the torch version and the sources' and flags' hash, so either change rebuilds."""
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags).encode()).hexdigest()[:12]
     return f"dsq_int_kernel_{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}_{digest}"
 
 
 def _build() -> bool:
-    """Compile and load dsq/nn/csrc/int_conv.cpp (once: torch caches the build)."""
+    """Compile and load dsq/nn/csrc/int_conv.cpp (once: torch caches the build); if that fails,
+    once more without the AMX tiles (a toolchain that lacks them)."""
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)  # its import says "No CUDA runtime is found", which does not matter here
     try:
         from torch.utils.cpp_extension import load
 
-        load(build_name(), [str(SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"], is_python_module=False)
-        return True
-    except Exception as e:  # noqa: BLE001 - any build failure means: run on the eager path
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        for flags in (_FLAGS, [*_FLAGS, "-DDSQ_NO_AMX"]):
+            try:
+                load(
+                    build_name(flags),
+                    [str(SOURCE)],
+                    extra_cflags=flags,
+                    extra_ldflags=["-fopenmp"],
+                    is_python_module=False,
+                )
+                return True
+            except Exception as e:  # noqa: BLE001 - any build failure means: run on the eager path
+                error = e
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(
             f"dsq: the int backend's CPU kernel could not be built ({reason}); "
             "the int backend runs on its slower eager path",

@@ -21,7 +21,7 @@ from .int_kernel import fit_last, kernel_isas
 INT_DEVICES = ("cpu", "cuda")  # where torch has an int8 x int8 -> int32 matrix product (torch._int_mm)
 # The C++ CPU kernel where it applies, with the best instruction set here ("auto") or a given one,
 # or the eager path everywhere.
-INT_KERNELS = ("auto", "vnni", "avx512bw", "eager")
+INT_KERNELS = ("auto", "amx", "vnni", "avx512bw", "eager")
 
 
 def check_int_device(device: torch.device) -> None:

@@ -25,7 +25,7 @@ from dsq.nn.epilogue import Epilogue
 import zoo
 
 
-@pytest.fixture(params=["vnni", "avx512bw", "eager"])
+@pytest.fixture(params=["amx", "vnni", "avx512bw", "eager"])
 def path(request) -> str:
     """A kernel choice of set_backend/fuse_int: one instruction set's tiles (the others forced
     off) or the eager path."""
@@ -243,19 +243,21 @@ def test_fusing_for_the_simulate_backend_is_a_one_line_error(one_line_dsq_error)
     assert "run on the int or exact backend, not 'simulate'" in one_line_dsq_error(fuse_int, qmodel, backend="simulate")
 
 
-def test_forcing_a_kernel_this_cpu_lacks_is_a_one_line_error(monkeypatch, one_line_dsq_error):
+@pytest.mark.parametrize("kernel,here", [("vnni", ["avx512bw"]), ("amx", ["avx512bw", "vnni"])])
+def test_forcing_a_kernel_this_cpu_lacks_is_a_one_line_error(kernel, here, monkeypatch, one_line_dsq_error):
     from dsq.nn import int_plan
 
-    monkeypatch.setattr(int_plan, "kernel_isas", lambda: ["avx512bw"])
+    monkeypatch.setattr(int_plan, "kernel_isas", lambda: here)
     layer = to_dsconv(nn.Conv2d(16, 16, 1), WeightFormat(), ActFormat())
-    message = one_line_dsq_error(set_backend, layer, "int", kernel="vnni")
-    assert "'vnni' does not run on this CPU (here: avx512bw)" in message
+    message = one_line_dsq_error(set_backend, layer, "int", kernel=kernel)
+    assert f"{kernel!r} does not run on this CPU (here: {', '.join(here)})" in message
 
 
 def test_bfp_round_equals_bfp_quantize():
     """The simulated backend's one-pass BFP rounding against dsq.formats.bfp_quantize, bit for bit:
     ties, zero blocks, subnormal blocks whose step would underflow, the largest floats, NaN and
-    infinities, ragged and oversized blocks; contiguous, channels-last and (N, C) inputs."""
+    infinities, ragged and oversized blocks; contiguous (in one run of positions or several),
+    channels-last and (N, C) inputs."""
     if not int_kernel.cpu_kernel_available():
         pytest.skip("the CPU kernel does not run here")
     g = torch.Generator().manual_seed(0)
@@ -265,7 +267,16 @@ def test_bfp_round_equals_bfp_quantize():
     x[1, :, 2, 3] = 1e-44
     x[1, 5, 3, 3], x[2, 7, 3, 3], x[2, 9, 2, 2] = math.inf, math.nan, -math.inf
     x[2, :, 4, 4] = 3.4e38
-    inputs = [x, x.contiguous(memory_format=torch.channels_last), x.permute(0, 2, 3, 1).reshape(-1, 40).contiguous()]
+    # positions that the kernel reads in more than one run per block (40 channels x 1632 positions
+    # at block 64), the last one ragged
+    wide = torch.randn(2, 40, 37, 61, generator=g) * torch.exp2(torch.randint(-140, 120, (2, 1, 37, 61), generator=g))
+    wide[1, 3, 36, 60] = math.nan
+    inputs = [
+        x,
+        x.contiguous(memory_format=torch.channels_last),
+        x.permute(0, 2, 3, 1).reshape(-1, 40).contiguous(),
+        wide,
+    ]
     for bits in range(2, 9):
         for block in (1, 3, 16, 64):
             for t in inputs:

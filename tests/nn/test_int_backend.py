@@ -54,7 +54,7 @@ def run_both(model: nn.Module, x: torch.Tensor, kernel: str = "auto") -> tuple[t
     return run(model, x, "int", kernel), run(model, x, "simulate")
 
 
-@pytest.fixture(params=["vnni", "avx512bw", "eager"])
+@pytest.fixture(params=["amx", "vnni", "avx512bw", "eager"])
 def path(request) -> str:
     """The int backend's kernel choice (set_backend's `kernel`): the CPU kernel with the tiles of
     one instruction set where it applies (the others forced off), or "eager", the eager path only."""
@@ -135,6 +135,18 @@ def test_every_weight_and_mantissa_width(bits, act_bits, path):
 def test_weight_and_activation_blocks_of_any_size(block, act_block, groups, path):
     layer = conv(40, 8, 3, padding=1, groups=groups, wf=WeightFormat(block=block), af=ActFormat(block=act_block))
     assert_int_is_exact(layer, activations(2, 40, 5, 5), path)
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 72, 128])
+@pytest.mark.parametrize("out_channels,bits", [(24, 4), (100, 8)])
+def test_kernel_units_of_any_length_and_outputs_of_any_width(block, out_channels, bits, path):
+    """Units of 16 to 128 channels (AMX: one A tile of up to 64 channels, or chunks of 64 summed in
+    its C tile, the last one shorter), a ragged last block, 8-bit weights (two planes), output
+    widths that fill no whole tile of 64 channels, and output rows that do not fill a tile of
+    positions (AMX: those rows copied, not loaded from the input in place)."""
+    c = 2 * block + 8
+    layer = conv(c, out_channels, 3, padding=1, wf=WeightFormat(bits=bits, block=block), af=ActFormat(block=block))
+    assert_int_is_exact(layer, activations(3, c, 7, 11), path)
 
 
 @pytest.mark.parametrize("shape", [(5, 40), (2, 3, 40), (40,)])

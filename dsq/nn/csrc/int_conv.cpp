@@ -2,17 +2,24 @@
 // implementations of the ops dsq::int_conv, dsq::bfp_encode_u8 and dsq::bfp_round, whose schemas
 // and eager reference implementations dsq.nn.int_kernel defines, and ops of its own that list the
 // instruction sets it runs with here and report and free the per-thread workspace. The tiles are
-// in int_tile.h, compiled once for AVX-512BW and once for AVX-512 VNNI.
+// in int_tile.h, compiled for AVX-512BW, for AVX-512 VNNI and (where the compiler has it) AMX-INT8.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <cpuid.h>
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <string>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace {
 
@@ -81,36 +88,94 @@ namespace vnni {
 }  // namespace vnni
 #pragma GCC pop_options
 
+// The AMX tiles need GCC 11 or later for their intrinsics (and an assembler that knows them:
+// dsq.nn.int_kernel builds again with DSQ_NO_AMX if this part fails).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && !defined(DSQ_NO_AMX)
+#define DSQ_AMX_TILES
+#pragma GCC push_options
+#pragma GCC target("amx-tile,amx-int8,avx512vnni")
+namespace amx {
+#define DSQ_AMX
+#include "int_tile.h"
+#undef DSQ_AMX
+}  // namespace amx
+#pragma GCC pop_options
+#endif
+
+// Whether the AMX tiles run here: built, a CPU with AMX-TILE and AMX-INT8 (CPUID leaf 7, EDX bits
+// 24 and 25) and VNNI, an OS that saves tile state (XCR0 bits 17 and 18), and on Linux this
+// process allowed to use it (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA; without it the first
+// tile instruction raises SIGILL). Elsewhere no: untested.
+bool detect_amx() {
+#if defined(DSQ_AMX_TILES) && defined(__linux__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d >> 24 & 3) != 3 || !__builtin_cpu_supports("avx512vnni"))
+    return false;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c >> 27 & 1)) return false;  // OSXSAVE: xgetbv runs
+  uint32_t lo, hi;
+  asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  const long ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18;
+  return (lo >> 17 & 3) == 3 && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+  return false;
+#endif
+}
+
+// detect_amx(), asked once per process.
+bool amx_ready() {
+  static const bool ready = detect_amx();
+  return ready;
+}
+
+// The tiles of instruction set `isa` (isas()) over the output positions.
+void run_tiles(c10::string_view isa, const Args& a, const Out& e, int64_t N, int64_t Hp, int64_t Wp, int64_t OH,
+               int64_t OW, int64_t sh, int64_t sw) {
+#ifdef DSQ_AMX_TILES
+  if (isa == "amx") return amx::run(a, e, N, Hp, Wp, OH, OW, sh, sw);
+#endif
+  if (isa == "vnni") return vnni::run(a, e, N, Hp, Wp, OH, OW, sh, sw);
+  bw::run(a, e, N, Hp, Wp, OH, OW, sh, sw);
+}
+
 }  // namespace
+
+// The BFP steps of 16 blocks (`s`), with what dividing by them takes: 2^-log2(s) (`inverse`),
+// and whether any step is below 2^-126 (`tiny`: its inverse is no float, so divide).
+struct Steps {
+  __m512 s, inverse;
+  bool tiny;
+
+  explicit Steps(__m512 steps)
+      : s(steps),
+        inverse(_mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_getexp_ps(steps)))),
+        tiny(_mm512_cmp_ps_mask(steps, _mm512_set1_ps(std::ldexp(1.f, -126)), _CMP_LT_OQ) != 0) {}
+};
 
 // The BFP steps of 16 blocks whose peaks are in `peak`: 2^(e - (bits - 1)) with e the frexp
 // exponent of the peak (floor(log2 peak) + 1), as dsq.formats.bfp does it: 2^(1 - bits) for a zero
 // peak or a block that holds a NaN or an infinity (`odd`), and never below the smallest subnormal.
-static inline __m512 bfp_steps(__m512 peak, int64_t bits, __mmask16 odd = 0) {
+static inline Steps bfp_steps(__m512 peak, int64_t bits, __mmask16 odd = 0) {
   const __m512 k = _mm512_add_ps(_mm512_getexp_ps(peak), _mm512_set1_ps(static_cast<float>(2 - bits)));
   const __m512 s = _mm512_max_ps(_mm512_scalef_ps(_mm512_set1_ps(1.f), k), _mm512_set1_ps(std::ldexp(1.f, -149)));
   const __mmask16 zero = _mm512_cmp_ps_mask(peak, _mm512_setzero_ps(), _CMP_EQ_OQ) | odd;
-  return _mm512_mask_blend_ps(zero, s, _mm512_set1_ps(std::ldexp(1.f, static_cast<int>(1 - bits))));
+  return Steps(_mm512_mask_blend_ps(zero, s, _mm512_set1_ps(std::ldexp(1.f, static_cast<int>(1 - bits)))));
 }
 
 // Which of 16 values are NaN or infinite.
 static inline __mmask16 not_finite(__m512 x) { return _mm512_fpclass_ps_mask(x, 0x01 | 0x08 | 0x10 | 0x80); }
 
 // Mantissas of 16 values x with steps s, as floats: x / s rounded half to even, clamped to +-lim
-// (NaN stays NaN). x / s is x * 2^-log2(s), exactly, where that is a float (s >= 2^-126): no
-// division then.
-static inline __m512 bfp_round_mantissas(__m512 x, __m512 s, __m512 lim) {
-  const __mmask16 tiny = _mm512_cmp_ps_mask(s, _mm512_set1_ps(std::ldexp(1.f, -126)), _CMP_LT_OQ);
-  const __m512 inverse = _mm512_scalef_ps(_mm512_set1_ps(1.f), _mm512_sub_ps(_mm512_setzero_ps(), _mm512_getexp_ps(s)));
-  const __m512 q = tiny ? _mm512_div_ps(x, s) : _mm512_mul_ps(x, inverse);
+// (NaN stays NaN). x / s is x * 2^-log2(s), exactly, unless a step is tiny: no division then.
+static inline __m512 bfp_round_mantissas(__m512 x, const Steps& s, __m512 lim) {
+  const __m512 q = s.tiny ? _mm512_div_ps(x, s.s) : _mm512_mul_ps(x, s.inverse);
   const __m512 m = _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   return _mm512_min_ps(lim, _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), m));  // returns m if NaN
 }
 
-// uint8 mantissas + 128 of 16 values x with steps s.
-static inline __m128i bfp_mantissas(__m512 x, __m512 s, __m512 lim) {
+// Mantissas + `zero` of 16 values x with steps s, as bytes (uint8 m + 128, or int8 m for zero 0).
+static inline __m128i bfp_mantissas(__m512 x, const Steps& s, __m512 lim, uint8_t zero) {
   const __m512i m = _mm512_cvtps_epi32(bfp_round_mantissas(x, s, lim));
-  return _mm512_cvtepi32_epi8(_mm512_add_epi32(m, _mm512_set1_epi32(128)));
+  return _mm512_cvtepi32_epi8(_mm512_add_epi32(m, _mm512_set1_epi32(zero)));
 }
 
 static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
@@ -118,12 +183,12 @@ static inline __mmask16 first(int64_t n) { return n >= 16 ? 0xFFFF : static_cast
 // BFP encoding of a float32 input (N, C, H, W), as dsq.formats.bfp_encode does it (per block of
 // channels at each pixel: e = frexp exponent of the peak, step = 2^(e - (bits - 1)), mantissa =
 // x / step rounded half to even and clamped), written the way the kernel reads it: channels-last
-// uint8 mantissa + 128 (N, Hp, Wp, nb * run), `run` channels per block (128 past the channels),
-// and steps (N, Hp, Wp, nb), zero-padded by `pads` pixels (left, right, top, bottom). One pass: a
-// contiguous (NCHW) input is read along its rows, 16 pixels at a time, a channels-last one along
-// its channels.
+// uint8 mantissa + 128 (or, for `zero` 0, int8 mantissas) (N, Hp, Wp, nb * run), `run` channels
+// per block (a zero mantissa past the channels), and steps (N, Hp, Wp, nb), zero-padded by `pads`
+// pixels (left, right, top, bottom). One pass: a contiguous (NCHW) input is read along its rows,
+// 16 pixels at a time, a channels-last one along its channels.
 void encode(const at::Tensor& x, int64_t bits, int64_t block, int64_t run, c10::IntArrayRef pads,
-            uint8_t* up, float* sp) {
+            uint8_t* up, float* sp, uint8_t zero = 128) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 4, "x: (N, C, H, W) float32");
   TORCH_CHECK(pads.size() == 4 && bits >= 2 && bits <= 8 && block > 0 && run >= std::min(block, x.size(1)),
               "arguments");
@@ -138,19 +203,19 @@ void encode(const at::Tensor& x, int64_t bits, int64_t block, int64_t run, c10::
     for (int64_t i = begin; i < end; i++) {
       const int64_t n = i / Hp, y = i % Hp - pads[2], o0 = i * Wp + pads[0];
       if (y < 0 || y >= H) {  // a padding row
-        std::memset(up + i * Wp * D, 128, Wp * D);
+        std::memset(up + i * Wp * D, zero, Wp * D);
         std::fill(sp + i * Wp * nb, sp + (i + 1) * Wp * nb, 0.f);
         continue;
       }
-      std::memset(up + i * Wp * D, 128, pads[0] * D);
-      std::memset(up + (o0 + W) * D, 128, pads[1] * D);
+      std::memset(up + i * Wp * D, zero, pads[0] * D);
+      std::memset(up + (o0 + W) * D, zero, pads[1] * D);
       std::fill(sp + i * Wp * nb, sp + o0 * nb, 0.f);
       std::fill(sp + (o0 + W) * nb, sp + (i + 1) * Wp * nb, 0.f);
       const float* row = xp + n * sn + y * sy;
       for (int64_t j = 0; j < nb; j++) {  // the channels a ragged last block lacks
         const int64_t width = std::min(C, (j + 1) * block) - j * block;
         if (width < run)
-          for (int64_t w = 0; w < W; w++) std::memset(up + (o0 + w) * D + j * run + width, 128, run - width);
+          for (int64_t w = 0; w < W; w++) std::memset(up + (o0 + w) * D + j * run + width, zero, run - width);
       }
       if (rows) {  // 16 pixels of a row at a time, block after block
         for (int64_t j = 0; j < nb; j++) {
@@ -161,14 +226,14 @@ void encode(const at::Tensor& x, int64_t bits, int64_t block, int64_t run, c10::
             __m512 peak = _mm512_setzero_ps();
             for (int64_t c = c0; c < c1; c++)
               peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_maskz_loadu_ps(mask, row + c * sc + w0)));
-            const __m512 s = bfp_steps(peak, bits);
+            const Steps s = bfp_steps(peak, bits);
             alignas(64) float sv[16];
-            _mm512_store_ps(sv, s);
+            _mm512_store_ps(sv, s.s);
             for (int64_t w = 0; w < count; w++) sp[(o0 + w0 + w) * nb + j] = sv[w];
             for (int64_t c = c0; c < c1; c++) {
               alignas(16) uint8_t m[16];
               _mm_store_si128(reinterpret_cast<__m128i*>(m),
-                              bfp_mantissas(_mm512_maskz_loadu_ps(mask, row + c * sc + w0), s, lim));
+                              bfp_mantissas(_mm512_maskz_loadu_ps(mask, row + c * sc + w0), s, lim, zero));
               uint8_t* dst = up + (o0 + w0) * D + j * run + c - c0;
               for (int64_t w = 0; w < count; w++) dst[w * D] = m[w];
             }
@@ -182,11 +247,11 @@ void encode(const at::Tensor& x, int64_t bits, int64_t block, int64_t run, c10::
             __m512 peak = _mm512_setzero_ps();
             for (int64_t c = c0; c < c1; c += 16)
               peak = _mm512_max_ps(peak, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(c1 - c), px + c)));
-            const __m512 st = bfp_steps(_mm512_set1_ps(_mm512_reduce_max_ps(peak)), bits);
-            sp[(o0 + w) * nb + j] = _mm512_cvtss_f32(st);
+            const Steps st = bfp_steps(_mm512_set1_ps(_mm512_reduce_max_ps(peak)), bits);
+            sp[(o0 + w) * nb + j] = _mm512_cvtss_f32(st.s);
             for (int64_t c = c0; c < c1; c += 16)
               _mm_mask_storeu_epi8(up + (o0 + w) * D + j * run + c - c0, first(c1 - c),
-                                   bfp_mantissas(_mm512_maskz_loadu_ps(first(c1 - c), px + c), st, lim));
+                                   bfp_mantissas(_mm512_maskz_loadu_ps(first(c1 - c), px + c), st, lim, zero));
           }
         }
       }
@@ -219,25 +284,36 @@ at::Tensor bfp_round(const at::Tensor& x, int64_t bits, int64_t block) {
   const float* xp = x3.data_ptr<float>();
   float* op = o3.data_ptr<float>();
   const __m512 lim = _mm512_set1_ps(static_cast<float>((1 << (bits - 1)) - 1));
-  if (ss == 1 && (sc != 1 || S > 1)) {  // along positions, 16 at a time, per block of channels
-    const int64_t chunks = (S + 15) / 16;
+  if (ss == 1 && (sc != 1 || S > 1)) {  // along positions, per block of channels and run of positions
+    // Each channel's run is read whole, once for the peaks and once more (from L2: the block's
+    // runs take at most 256 KiB) to round: long sequential reads, which the prefetchers follow.
+    const int64_t width = std::min(block, C), run = std::max<int64_t>(16, std::min((S + 15) / 16, (1 << 16) / 16 / width) * 16);
+    const int64_t chunks = (S + run - 1) / run;
     at::parallel_for(0, N * nb * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<__m512> peak(run / 16);
+      std::vector<__mmask16> odd(run / 16);
+      std::vector<Steps> steps;
       for (int64_t i = begin; i < end; i++) {
-        const int64_t n = i / (nb * chunks), j = i / chunks % nb, p0 = i % chunks * 16, c1 = std::min(C, (j + 1) * block);
-        const __mmask16 mask = first(S - p0);
-        const int64_t base = n * sn + p0;
-        __m512 peak = _mm512_setzero_ps();
-        __mmask16 odd = 0;
-        for (int64_t c = j * block; c < c1; c++) {
-          const __m512 v = _mm512_maskz_loadu_ps(mask, xp + base + c * sc);
-          peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
-          odd |= not_finite(v);
-        }
-        const __m512 st = bfp_steps(peak, bits, odd);
-        for (int64_t c = j * block; c < c1; c++) {
-          const __m512 v = _mm512_maskz_loadu_ps(mask, xp + base + c * sc);
-          _mm512_mask_storeu_ps(op + base + c * sc, mask, _mm512_mul_ps(bfp_round_mantissas(v, st, lim), st));
-        }
+        const int64_t n = i / (nb * chunks), j = i / chunks % nb, p0 = i % chunks * run, c1 = std::min(C, (j + 1) * block);
+        const int64_t base = n * sn + p0, vectors = (std::min(run, S - p0) + 15) / 16;
+        const __mmask16 last = first(S - p0 - 16 * (vectors - 1));
+        const auto mask = [&](int64_t v) { return v + 1 < vectors ? __mmask16(0xFFFF) : last; };
+        std::fill(peak.begin(), peak.end(), _mm512_setzero_ps());
+        std::fill(odd.begin(), odd.end(), 0);
+        for (int64_t c = j * block; c < c1; c++)
+          for (int64_t v = 0; v < vectors; v++) {
+            const __m512 x = _mm512_maskz_loadu_ps(mask(v), xp + base + c * sc + 16 * v);
+            peak[v] = _mm512_max_ps(peak[v], _mm512_abs_ps(x));
+            odd[v] |= not_finite(x);
+          }
+        steps.clear();
+        for (int64_t v = 0; v < vectors; v++) steps.push_back(bfp_steps(peak[v], bits, odd[v]));
+        for (int64_t c = j * block; c < c1; c++)
+          for (int64_t v = 0; v < vectors; v++) {
+            const __m512 x = _mm512_maskz_loadu_ps(mask(v), xp + base + c * sc + 16 * v);
+            _mm512_mask_storeu_ps(op + base + c * sc + 16 * v, mask(v),
+                                  _mm512_mul_ps(bfp_round_mantissas(x, steps[v], lim), steps[v].s));
+          }
       }
     });
     return out;
@@ -254,10 +330,10 @@ at::Tensor bfp_round(const at::Tensor& x, int64_t bits, int64_t block) {
           peak = _mm512_max_ps(peak, _mm512_abs_ps(v));
           odd |= not_finite(v);
         }
-        const __m512 st = bfp_steps(_mm512_set1_ps(_mm512_reduce_max_ps(peak)), bits, odd ? 0xFFFF : 0);
+        const Steps st = bfp_steps(_mm512_set1_ps(_mm512_reduce_max_ps(peak)), bits, odd ? 0xFFFF : 0);
         for (int64_t c = c0; c < c1; c += 16) {
           const __m512 v = _mm512_maskz_loadu_ps(first(c1 - c), xp + base + c);
-          _mm512_mask_storeu_ps(op + base + c, first(c1 - c), _mm512_mul_ps(bfp_round_mantissas(v, st, lim), st));
+          _mm512_mask_storeu_ps(op + base + c, first(c1 - c), _mm512_mul_ps(bfp_round_mantissas(v, st, lim), st.s));
         }
       }
     }
@@ -279,6 +355,7 @@ void release_workspace() { std::vector<uint8_t>().swap(thread_workspace()); }
 std::vector<std::string> isas() {
   std::vector<std::string> found{"avx512bw"};
   if (__builtin_cpu_supports("avx512vnni")) found.push_back("vnni");
+  if (amx_ready()) found.push_back("amx");
   return found;
 }
 
@@ -296,9 +373,9 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alph
   TORCH_CHECK(w.dtype() == at::kChar && w.is_contiguous() && alpha.is_contiguous() && comp.is_contiguous() &&
               alpha.dtype() == at::kFloat && comp.dtype() == at::kInt, "plan tensors");
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && dilation.size() == 2 && pads.size() == 4, "arguments");
-  const bool use_vnni = isa == "vnni";
-  TORCH_CHECK(use_vnni || isa == "avx512bw", "unknown instruction set ", isa);
-  TORCH_CHECK(!use_vnni || __builtin_cpu_supports("avx512vnni"), "this CPU has no AVX-512 VNNI");
+  TORCH_CHECK(isa == "amx" || isa == "vnni" || isa == "avx512bw", "unknown instruction set ", isa);
+  TORCH_CHECK(isa != "vnni" || __builtin_cpu_supports("avx512vnni"), "this CPU has no AVX-512 VNNI");
+  TORCH_CHECK(isa != "amx" || amx_ready(), "this CPU (or its OS) does not run AMX-INT8");
   const int64_t N = x.size(0), Hp = x.size(2) + pads[2] + pads[3], Wp = x.size(3) + pads[0] + pads[1];
   const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], dh = dilation[0], dw = dilation[1];
   TORCH_CHECK(alpha.dim() == 4 && comp.sizes() == alpha.sizes(), "plan shapes");
@@ -332,14 +409,13 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alph
   if (workspace.size() < need) workspace.resize(need);
   a.u = workspace.data();
   a.step = reinterpret_cast<float*>(workspace.data() + u_bytes);
-  encode(x, bits, act_block, a.L, pads, workspace.data(), reinterpret_cast<float*>(workspace.data() + u_bytes));
+  // AMX multiplies int8 by int8 (tdpbssd): no offset to take out; the others uint8 m + 128 by int8.
+  encode(x, bits, act_block, a.L, pads, workspace.data(), reinterpret_cast<float*>(workspace.data() + u_bytes),
+         isa == "amx" ? 0 : 128);
   std::vector<int64_t> tap_off(a.T);
   for (int64_t t = 0; t < a.T; t++) tap_off[t] = (t / kw) * dh * Wp + (t % kw) * dw;
   a.tap_off = tap_off.data();
-  if (use_vnni)
-    vnni::run(a, e, N, Hp, Wp, OH, OW, sh, sw);
-  else
-    bw::run(a, e, N, Hp, Wp, OH, OW, sh, sw);
+  run_tiles(isa, a, e, N, Hp, Wp, OH, OW, sh, sw);
   return out;
 }
 
