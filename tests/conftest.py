@@ -66,7 +66,8 @@ def pytest_configure(config):
         os.environ["DSQ_INT_KERNEL"] = "0"  # the integer backend's own switch: the eager path, no compile
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:  # a pytest-xdist worker: the cores shared out, here and in the dsq processes it starts
-        threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // int(workers))
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
