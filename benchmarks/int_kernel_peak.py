@@ -5,7 +5,7 @@ Each instruction set's tiles (AMX-INT8, VNNI, AVX-512BW: those this CPU has) run
 forced off (set_backend's `kernel`), at block 32 (dsq's default: one float64 epilogue per 32
 MACs) and block 256 (one per 256). Beside them: torch's x86 int8 conv (oneDNN, per-channel) and
 float32 conv on the same shape. Cycles are seconds times the clock that /proc/cpuinfo states.
-Writes int_kernel_peak.json.
+Writes int_kernel_peak.json beside this file.
 
     python int_kernel_peak.py      # from benchmarks/
 """
@@ -69,7 +69,9 @@ def main() -> None:
         results[name] = dict(seconds=t, gmac_per_s=macs / t / 1e9, macs_per_cycle=per_cycle, peak=PEAK.get(unit))
     print(f"{platform.processor() or platform.machine()}, clock {hz / 1e9:.2f} GHz, 1 thread, {macs / 1e9:.2f} GMAC")
     print_table(["run", "ms", "GMAC/s", "MACs/cycle", "peak MACs/cycle", "of peak"], rows)
-    Path("int_kernel_peak.json").write_text(json.dumps({"clock_hz": hz, "macs": macs, "runs": results}, indent=2))
+    Path(__file__).with_name("int_kernel_peak.json").write_text(
+        json.dumps({"clock_hz": hz, "macs": macs, "runs": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":
