@@ -28,7 +28,7 @@ from common import print_table
 
 SHAPE = dict(batch=4, channels=256, side=28, kernel=3)
 # MACs per cycle and core of the unit each run uses: one 512-bit integer multiply (or float FMA)
-# per cycle for the vector units (its MACs per instruction); AMX-INT8: one tdpbusd of 16 x 16
+# per cycle for the vector units (its MACs per instruction); AMX-INT8: one tile multiply (tdpbssd) of 16 x 16
 # outputs over 64 channels (16 384 MACs) per 16 cycles, which units of 32 channels fill only half.
 PEAK = {"amx": 1024, "vnni": 64, "avx512bw": 32, "float32 FMA": 16}
 

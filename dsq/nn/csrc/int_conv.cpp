@@ -296,8 +296,7 @@ at::Tensor bfp_round(const at::Tensor& x, int64_t bits, int64_t block) {
       for (int64_t i = begin; i < end; i++) {
         const int64_t n = i / (nb * chunks), j = i / chunks % nb, p0 = i % chunks * run, c1 = std::min(C, (j + 1) * block);
         const int64_t base = n * sn + p0, vectors = (std::min(run, S - p0) + 15) / 16;
-        const __mmask16 last = first(S - p0 - 16 * (vectors - 1));
-        const auto mask = [&](int64_t v) { return v + 1 < vectors ? __mmask16(0xFFFF) : last; };
+        const auto mask = [&](int64_t v) { return first(S - p0 - 16 * v); };
         std::fill(peak.begin(), peak.end(), _mm512_setzero_ps());
         std::fill(odd.begin(), odd.end(), 0);
         for (int64_t c = j * block; c < c1; c++)
