@@ -1,17 +1,18 @@
 """The command-line interface: thin click commands over the library.
 
 `main`, the `dsq` console script, imports the commands (and torch: seconds) only when it runs,
-inside its handler of Ctrl-C: an interrupted command ends in one line and exit code 130 at any
-moment, never a traceback.
+inside its handler of Ctrl-C, with Ctrl-C held back until they end: an interrupted command ends in
+one line and exit code 130 at any moment, never a traceback.
 """
 
-from .interrupt import exit_interrupted
+from .interrupt import exit_interrupted, held_interrupts
 
 
 def main():
     """The `dsq` console script (and `python -m dsq`)."""
     try:
-        from .main import main as run_cli
+        with held_interrupts():  # the commands' imports (torch, scipy) run to their end
+            from .main import main as run_cli
 
         run_cli()
     except KeyboardInterrupt:

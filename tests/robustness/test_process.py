@@ -103,6 +103,21 @@ def test_ctrl_c_is_one_line_and_exit_130(moment, tmp_path):
     assert folder_listing(tmp_path) == []  # no result, no partial or temporary file
 
 
+def test_ctrl_c_while_the_commands_are_imported_waits_for_the_imports_then_exits_130():
+    """A Ctrl-C inside the commands' imports is held until they end (an import it broke leaves a
+    half-imported module that fails later with another error), then acted on."""
+    from dsq.cli.interrupt import INTERRUPTED, held_interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    finished = []
+    with pytest.raises(SystemExit) as caught:
+        with held_interrupts():
+            os.kill(os.getpid(), signal.SIGINT)
+            finished.append(True)
+    assert finished and caught.value.code == INTERRUPTED
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_kill_9_during_a_write_leaves_a_temporary_file_the_next_write_removes(tmp_path):
     writer = subprocess.Popen(
         [
