@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..formats import dequantize
-from .epilogue import take_output_epilogue
+from .epilogue import Epilogue, take_output_epilogue
+from .int_kernel import cpu_kernel_available
 from .stand_in import StandInWeight
 
 
@@ -34,7 +35,27 @@ def exact_conv2d(input, weight: "ExactWeight", bias=None, stride=1, padding=0, d
     output epilogue (dsq.nn.epilogue; by default just the rounding)."""
     epilogue, residual = take_output_epilogue(weight.layer)
     out = F.conv2d(input.double(), exact_weight(weight.layer), _double(bias), stride, padding, dilation, groups)
+    if _in_one_pass(out, epilogue, residual):
+        return torch.ops.dsq.finish_f64(out, epilogue.scale, epilogue.shift, residual, epilogue.lo, epilogue.hi)
     return epilogue.apply(out, None, residual, channel_dim=-3)
+
+
+def _in_one_pass(out: torch.Tensor, epilogue: Epilogue, residual: torch.Tensor | None) -> bool:
+    """Whether dsq::finish_f64's C++ kernel takes the epilogue of this conv output (the same bit for
+    bit as Epilogue.apply, in one pass instead of one per step): a dense CPU batch, float64 scales
+    per channel, a residual of the output's shape and layout."""
+    layout = torch.contiguous_format if out.is_contiguous() else torch.channels_last
+    dense = out.is_contiguous(memory_format=layout)
+    per_channel = epilogue.scale is None or (
+        epilogue.scale.dtype == epilogue.shift.dtype == torch.float64
+        and epilogue.scale.is_contiguous()
+        and epilogue.shift.is_contiguous()
+        and epilogue.scale.numel() == epilogue.shift.numel() == out.shape[1]
+    )
+    laid_out = residual is None or (
+        residual.dtype == torch.float32 and residual.shape == out.shape and residual.is_contiguous(memory_format=layout)
+    )
+    return out.dim() == 4 and out.device.type == "cpu" and dense and per_channel and laid_out and cpu_kernel_available()
 
 
 def exact_linear(input, weight: "ExactWeight", bias=None) -> torch.Tensor:

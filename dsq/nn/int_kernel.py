@@ -9,6 +9,8 @@
   each block padded to `run` channels, and the steps, zero-padded by `pads` pixels.
 - `dsq::bfp_round`: BFP rounding along the channels, returned as floats in one pass (what the
   simulated backend does to a layer's input).
+- `dsq::finish_f64`: the output epilogue (folded BatchNorm, rounding to float32, residual, clamp)
+  on a float64 conv output, in one pass (what the exact backend, and int for a float input, end in).
 
 Each has an eager reference implementation here (torch ops, any device) and a meta one (shapes
 only). The CPU implementations are C++ in dsq/nn/csrc (int_conv.cpp, and int_tile.h compiled for
@@ -50,6 +52,7 @@ _LIB.define(
 )
 _LIB.define("bfp_encode_u8(Tensor x, int bits, int block, int run, int[] pads) -> (Tensor, Tensor)")
 _LIB.define("bfp_round(Tensor x, int bits, int block) -> Tensor")
+_LIB.define("finish_f64(Tensor acc, Tensor? scale, Tensor? shift, Tensor? residual, float lo, float hi) -> Tensor")
 
 
 def cpu_kernel_available() -> bool:
@@ -181,6 +184,11 @@ def bfp_round_reference(x: torch.Tensor, bits: int, block: int) -> torch.Tensor:
     return bfp_quantize(x, ActFormat(bits, block), dim=1)
 
 
+def finish_f64_reference(acc, scale, shift, residual, lo, hi) -> torch.Tensor:
+    """dsq::finish_f64 in torch ops: Epilogue.apply on float64 sums (N, C, H, W), no bias."""
+    return Epilogue(scale, shift, lo, hi).apply(acc, None, residual)
+
+
 def _output_size(x: torch.Tensor, kernel, stride, dilation, pads) -> tuple[int, int]:
     """(OH, OW) of a conv on `x` (N, C, H, W) padded by `pads` (left, right, top, bottom)."""
     return output_size(x.shape[2] + pads[2] + pads[3], x.shape[3] + pads[0] + pads[1], kernel, stride, dilation)
@@ -201,6 +209,8 @@ def _bfp_encode_u8_meta(x, bits, block, run, pads):
 _LIB.impl("int_conv", int_conv_reference, "CompositeExplicitAutograd")
 _LIB.impl("bfp_encode_u8", bfp_encode_u8_reference, "CompositeExplicitAutograd")
 _LIB.impl("bfp_round", bfp_round_reference, "CompositeExplicitAutograd")
+_LIB.impl("finish_f64", finish_f64_reference, "CompositeExplicitAutograd")
 _LIB.impl("int_conv", _int_conv_meta, "Meta")
 _LIB.impl("bfp_encode_u8", _bfp_encode_u8_meta, "Meta")
 _LIB.impl("bfp_round", lambda x, bits, block: torch.empty_like(x), "Meta")
+_LIB.impl("finish_f64", lambda acc, *rest: torch.empty_like(acc, dtype=torch.float32), "Meta")

@@ -285,6 +285,47 @@ def test_bfp_round_equals_bfp_quantize():
                 assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), (bits, block, t.shape)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_finish_f64_equals_the_epilogue_reference(channels_last, monkeypatch):
+    """dsq::finish_f64 (the exact backend's output epilogue in one pass) against Epilogue.apply,
+    bit for bit: NaN, infinities, -0, values that overflow float32 and round to subnormals, 37
+    channels (two vectors of 16 and a ragged rest), with and without BatchNorm, residual and clamp;
+    and the exact backend calls it on a CPU batch."""
+    if not int_kernel.cpu_kernel_available():
+        pytest.skip("the CPU kernel does not run here")
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    acc = torch.randn(2, 37, 3, 5, generator=g, dtype=torch.float64) * torch.exp2(
+        torch.randint(-160, 140, (2, 37, 3, 5), generator=g).double()
+    )
+    acc[0, :4, 0, 0] = torch.tensor([math.nan, math.inf, -math.inf, -0.0], dtype=torch.float64)
+    acc = acc.contiguous(memory_format=fmt)
+    scale = torch.rand(37, generator=g, dtype=torch.float64) + 0.5
+    shift = torch.randn(37, generator=g, dtype=torch.float64)
+    residual = torch.randn(2, 37, 3, 5, generator=g).contiguous(memory_format=fmt)
+    # one pixel: contiguous and channels-last at once, a residual with other strides for its size-1 axes
+    pixel = acc[:, :, :1, :1].contiguous(memory_format=fmt)
+    pixel_residual = torch.randn(2, 1, 1, 37, generator=g).permute(0, 3, 1, 2)
+    for a, epilogue, res in [
+        (acc, Epilogue(), None),
+        (acc, Epilogue(scale, shift, 0.0, 6.0), residual),
+        (acc, Epilogue(scale, shift), None),
+        (acc, Epilogue(None, None, 0.0, math.inf), residual),
+        (pixel, Epilogue(scale, shift, 0.0, math.inf), pixel_residual),
+    ]:
+        ours = torch.ops.dsq.finish_f64(a, epilogue.scale, epilogue.shift, res, epilogue.lo, epilogue.hi)
+        theirs = epilogue.apply(a, None, res)
+        assert ours.is_contiguous(memory_format=fmt)
+        assert torch.equal(ours.contiguous().view(torch.int32), theirs.contiguous().view(torch.int32))
+    layer = to_dsconv(nn.Conv2d(16, 8, 3), WeightFormat(), ActFormat(8, 16))
+    set_backend(layer, "exact")
+    calls, op = [], torch.ops.dsq.finish_f64
+    monkeypatch.setattr(torch.ops.dsq, "finish_f64", lambda *a: calls.append(a) or op(*a))
+    with torch.inference_mode():
+        layer(activations(2, 16, 6, 6).contiguous(memory_format=fmt))
+    assert len(calls) == 1
+
+
 def test_the_simulated_backend_rounds_in_one_pass(monkeypatch):
     """A simulated DSConv layer on a CPU float32 input calls dsq::bfp_round once, and gives what the
     formula gives."""

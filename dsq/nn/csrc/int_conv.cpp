@@ -47,7 +47,7 @@ struct Out {
   float lo, hi;            // a fused activation's clamp; -inf, inf for none (NaN passes)
 
   inline void store(double acc, int64_t o, int64_t i) const {
-    double v = acc + (bias ? static_cast<double>(bias[o]) : 0.0);
+    double v = bias ? acc + static_cast<double>(bias[o]) : acc;
     if (scale) {
       v = v * scale[o];
       v = v + shift[o];
@@ -57,18 +57,19 @@ struct Out {
     out[i] = y < lo ? lo : (y > hi ? hi : y);
   }
 
+  // The float64 steps of store() for the 8 output channels o .. o + 7, rounded to float32.
+  __attribute__((always_inline)) inline __m256 rounded8(const double* acc, int64_t o) const {
+    __m512d v = _mm512_loadu_pd(acc);
+    if (bias) v = _mm512_add_pd(v, _mm512_cvtps_pd(_mm256_loadu_ps(bias + o)));
+    if (scale) v = _mm512_add_pd(_mm512_mul_pd(v, _mm512_loadu_pd(scale + o)), _mm512_loadu_pd(shift + o));
+    return _mm512_cvtpd_ps(v);
+  }
+
   // store() of 16 consecutive output channels o .. o + 15, which lie side by side from out[i]
   // (channels-last): the same operations in the same order, 16 lanes at a time.
-  inline void store16(const double* acc, int64_t o, int64_t i) const {
-    __m512d v[2] = {_mm512_load_pd(acc), _mm512_load_pd(acc + 8)};
-    for (int h = 0; h < 2; h++) {
-      v[h] = _mm512_add_pd(v[h], bias ? _mm512_cvtps_pd(_mm256_loadu_ps(bias + o + 8 * h)) : _mm512_setzero_pd());
-      if (scale) {
-        v[h] = _mm512_mul_pd(v[h], _mm512_loadu_pd(scale + o + 8 * h));
-        v[h] = _mm512_add_pd(v[h], _mm512_loadu_pd(shift + o + 8 * h));
-      }
-    }
-    __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(v[0])), _mm512_cvtpd_ps(v[1]), 1);
+  __attribute__((always_inline)) inline void store16(const double* acc, int64_t o, int64_t i) const {
+    const __m256 lo8 = rounded8(acc, o), hi8 = rounded8(acc + 8, o + 8);
+    __m512 y = _mm512_insertf32x8(_mm512_castps256_ps512(lo8), hi8, 1);
     if (residual) y = _mm512_add_ps(y, _mm512_loadu_ps(residual + i));
     y = _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), y));  // NaN passes: y is 2nd
     _mm512_storeu_ps(out + i, y);
@@ -360,6 +361,61 @@ std::vector<std::string> isas() {
 
 const at::Tensor* given(const c10::optional<at::Tensor>& t) { return t && t->defined() ? &*t : nullptr; }
 
+// The output epilogue into `out` (dense in `format`; its channels C along dim 1 if `nchw`, else
+// last): bias (float32), folded BatchNorm (scale, shift: float64), residual (laid out as `out`),
+// clamp to [lo, hi].
+Out output_epilogue(const at::Tensor& out, at::MemoryFormat format, int64_t C, bool nchw,
+                    const c10::optional<at::Tensor>& bias,
+                    const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
+                    const c10::optional<at::Tensor>& residual, double lo, double hi) {
+  Out e{out.data_ptr<float>(), nchw ? out.numel() / out.size(0) / C : 1, nchw, nullptr, nullptr, nullptr, nullptr,
+        static_cast<float>(lo), static_cast<float>(hi)};
+  if (const at::Tensor* b = given(bias)) {
+    TORCH_CHECK(b->dtype() == at::kFloat && b->is_contiguous() && b->numel() == C, "bias");
+    e.bias = b->data_ptr<float>();
+  }
+  const at::Tensor *g = given(scale), *h = given(shift);
+  TORCH_CHECK(!g == !h, "scale and shift go together");
+  if (g) {
+    TORCH_CHECK(g->dtype() == at::kDouble && h->dtype() == at::kDouble && g->is_contiguous() && h->is_contiguous() &&
+                g->numel() == C && h->numel() == C, "scale, shift: float64 (O')");
+    e.scale = g->data_ptr<double>();
+    e.shift = h->data_ptr<double>();
+  }
+  if (const at::Tensor* r = given(residual)) {
+    TORCH_CHECK(r->dtype() == at::kFloat && r->sizes() == out.sizes() && r->is_contiguous(format),
+                "residual: laid out as the output");
+    e.residual = r->data_ptr<float>();
+  }
+  return e;
+}
+
+// The output epilogue (no bias) on float64 sums `acc` (N, C, H, W), contiguous or channels-last:
+// float32 in acc's layout, the same bit for bit as dsq.nn.epilogue.Epilogue.apply, in one pass.
+at::Tensor finish_f64(const at::Tensor& acc, const c10::optional<at::Tensor>& scale,
+                      const c10::optional<at::Tensor>& shift, const c10::optional<at::Tensor>& residual, double lo,
+                      double hi) {
+  TORCH_CHECK(acc.dtype() == at::kDouble && acc.dim() == 4, "acc: (N, C, H, W) float64");
+  const bool nchw = acc.is_contiguous();
+  TORCH_CHECK(nchw || acc.is_contiguous(at::MemoryFormat::ChannelsLast), "acc: contiguous or channels-last");
+  const at::MemoryFormat format = nchw ? at::MemoryFormat::Contiguous : at::MemoryFormat::ChannelsLast;
+  auto out = at::empty(acc.sizes(), acc.options().dtype(at::kFloat).memory_format(format));
+  const int64_t C = acc.size(1), S = acc.size(2) * acc.size(3), positions = acc.size(0) * S;
+  const Out e = output_epilogue(out, format, C, nchw, c10::nullopt, scale, shift, residual, lo, hi);
+  const double* a = acc.data_ptr<double>();
+  at::parallel_for(0, nchw ? acc.size(0) * C : positions, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++)
+      if (nchw)  // a plane of one channel
+        for (int64_t k = i * S; k < (i + 1) * S; k++) e.store(a[k], i % C, k);
+      else {  // the channels of one position
+        int64_t o = 0;
+        for (; o + 16 <= C; o += 16) e.store16(a + i * C + o, o, i * C + o);
+        for (; o < C; o++) e.store(a[i * C + o], o, i * C + o);
+      }
+  });
+  return out;
+}
+
 // A DSConv layer on integers: BFP-encode x (N, C, H, W) into a workspace that is kept from call
 // to call (no fresh pages to fault in), then the kernel of instruction set `isa` (isas()), with
 // the output epilogue Out: bias, folded BatchNorm (scale, shift: float64), residual (laid out as
@@ -385,24 +441,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const at::Tensor& alph
   const int64_t OH = (Hp - dh * (kh - 1) - 1) / sh + 1, OW = (Wp - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(OH > 0 && OW > 0, "the input is smaller than the kernel");
   auto out = nchw ? at::empty({N, a.Op, OH, OW}, alpha.options()) : at::empty({N, OH, OW, a.Op}, alpha.options());
-  Out e{out.data_ptr<float>(), nchw ? OH * OW : 1, nchw, nullptr, nullptr, nullptr, nullptr,
-        static_cast<float>(lo), static_cast<float>(hi)};
-  if (const at::Tensor* b = given(bias)) {
-    TORCH_CHECK(b->dtype() == at::kFloat && b->is_contiguous() && b->numel() == a.Op, "bias");
-    e.bias = b->data_ptr<float>();
-  }
-  const at::Tensor *g = given(scale), *h = given(shift);
-  TORCH_CHECK(!g == !h, "scale and shift go together");
-  if (g) {
-    TORCH_CHECK(g->dtype() == at::kDouble && h->dtype() == at::kDouble && g->is_contiguous() && h->is_contiguous() &&
-                g->numel() == a.Op && h->numel() == a.Op, "scale, shift: float64 (O')");
-    e.scale = g->data_ptr<double>();
-    e.shift = h->data_ptr<double>();
-  }
-  if (const at::Tensor* r = given(residual)) {
-    TORCH_CHECK(r->dtype() == at::kFloat && r->sizes() == out.sizes() && r->is_contiguous(), "residual: as the output");
-    e.residual = r->data_ptr<float>();
-  }
+  const Out e = output_epilogue(out, at::MemoryFormat::Contiguous, a.Op, nchw, bias, scale, shift, residual, lo, hi);
   std::vector<uint8_t>& workspace = thread_workspace();
   const size_t u_bytes = (N * Hp * Wp * a.nb * a.L + 63) / 64 * 64, need = u_bytes + N * Hp * Wp * a.nb * sizeof(float);
   if (workspace.size() < need) workspace.resize(need);
@@ -428,4 +467,5 @@ TORCH_LIBRARY_IMPL(dsq, CPU, m) {
   m.impl("int_conv", TORCH_FN(conv));
   m.impl("bfp_encode_u8", TORCH_FN(bfp_encode_u8));
   m.impl("bfp_round", TORCH_FN(bfp_round));
+  m.impl("finish_f64", TORCH_FN(finish_f64));
 }
