@@ -256,8 +256,8 @@ def test_forcing_a_kernel_this_cpu_lacks_is_a_one_line_error(kernel, here, monke
 def test_bfp_round_equals_bfp_quantize():
     """The simulated backend's one-pass BFP rounding against dsq.formats.bfp_quantize, bit for bit:
     ties, zero blocks, subnormal blocks whose step would underflow, the largest floats, NaN and
-    infinities, ragged and oversized blocks; contiguous (in one run of positions or several),
-    channels-last and (N, C) inputs."""
+    infinities, ragged and oversized blocks; contiguous (in one run of positions or several, and
+    over 4 MiB), channels-last and (N, C) inputs."""
     if not int_kernel.cpu_kernel_available():
         pytest.skip("the CPU kernel does not run here")
     g = torch.Generator().manual_seed(0)
@@ -277,12 +277,15 @@ def test_bfp_round_equals_bfp_quantize():
         x.permute(0, 2, 3, 1).reshape(-1, 40).contiguous(),
         wide,
     ]
-    for bits in range(2, 9):
-        for block in (1, 3, 16, 64):
-            for t in inputs:
-                ours = torch.ops.dsq.bfp_round(t, bits, block)
-                theirs = bfp_quantize(t, ActFormat(bits, block), dim=1)
-                assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), (bits, block, t.shape)
+    # over 4 MiB: written with non-temporal stores (aligned whole vectors) and plain ones (the rest)
+    large = torch.randn(1, 40, 160, 193, generator=g) * torch.exp2(
+        torch.randint(-140, 120, (1, 1, 160, 193), generator=g)
+    )
+    cases = [(bits, block, t) for bits in range(2, 9) for block in (1, 3, 16, 64) for t in inputs]
+    for bits, block, t in cases + [(8, 32, large), (4, 16, large)]:
+        ours = torch.ops.dsq.bfp_round(t, bits, block)
+        theirs = bfp_quantize(t, ActFormat(bits, block), dim=1)
+        assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), (bits, block, t.shape)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

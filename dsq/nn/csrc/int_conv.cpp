@@ -290,6 +290,9 @@ at::Tensor bfp_round(const at::Tensor& x, int64_t bits, int64_t block) {
     // runs take at most 256 KiB) to round: long sequential reads, which the prefetchers follow.
     const int64_t width = std::min(block, C), run = std::max<int64_t>(16, std::min((S + 15) / 16, (1 << 16) / 16 / width) * 16);
     const int64_t chunks = (S + run - 1) / run;
+    // An output larger than the cores' L2 caches is written past the caches (non-temporal stores):
+    // no read of each line before it is written, a third less memory traffic.
+    const bool stream = x.numel() * sizeof(float) > (4 << 20);
     at::parallel_for(0, N * nb * chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<__m512> peak(run / 16);
       std::vector<__mmask16> odd(run / 16);
@@ -311,10 +314,15 @@ at::Tensor bfp_round(const at::Tensor& x, int64_t bits, int64_t block) {
         for (int64_t c = j * block; c < c1; c++)
           for (int64_t v = 0; v < vectors; v++) {
             const __m512 x = _mm512_maskz_loadu_ps(mask(v), xp + base + c * sc + 16 * v);
-            _mm512_mask_storeu_ps(op + base + c * sc + 16 * v, mask(v),
-                                  _mm512_mul_ps(bfp_round_mantissas(x, steps[v], lim), steps[v].s));
+            const __m512 y = _mm512_mul_ps(bfp_round_mantissas(x, steps[v], lim), steps[v].s);
+            float* dst = op + base + c * sc + 16 * v;
+            if (stream && mask(v) == 0xFFFF && reinterpret_cast<uintptr_t>(dst) % 64 == 0)
+              _mm512_stream_ps(dst, y);
+            else
+              _mm512_mask_storeu_ps(dst, mask(v), y);
           }
       }
+      _mm_sfence();
     });
     return out;
   }

@@ -5,8 +5,8 @@
 // out[p, o] = epilogue(bias[o] + sum over taps t, blocks j and weight planes k of
 //     alpha[t, j, k, o] * step[p + t, j] * sum_c (u[p + t, j, c] - 128) * q[t, j, k, c, o])
 // (one plane, or two for 8-bit weights: q = 16 hi + lo, the hi plane with alpha * 16)
-// with u = mantissa + 128 (uint8) and q the int8 VQK. The dot product of each unit (tap, block)
-// is exact in int32:
+// with u = mantissa + 128 (uint8; AMX reads the int8 mantissas u - 128 themselves) and q the int8
+// VQK. The dot product of each unit (tap, block) is exact in int32:
 // - AVX-512BW: vpmaddubsw multiplies u8 by s8 and adds pairs into int16 (exact: `chunk` steps of
 //   4 channels stay below 2^15), vpmaddwd widens to int32;
 // - VNNI: vpdpbusd multiplies u8 by s8 and adds groups of 4 into int32 in one instruction;
@@ -46,20 +46,23 @@ struct Rows {
 };
 
 // One unit's weights for the output vectors ov .. ov + NV - 1 (NV vectors of `k4` groups of 4
-// channels), with their KDS (two float64 halves) and their offsets `comp`.
+// channels), with their KDS (two float64 halves) and (uint8 inputs: not AMX) their offsets `comp`.
 template <int NV>
 struct Unit {
   const int8_t* w;
   __m512d alpha0[NV], alpha1[NV];
+#ifndef DSQ_AMX
   __m512i comp[NV];
+#endif
 
   Unit(const Args& a, int64_t unit, int64_t ov, int64_t k4) : w(a.w + (unit * (a.Op / 16) + ov) * k4 * 64) {
     const float* alpha = a.alpha + unit * a.Op + ov * 16;
-    const int32_t* c = a.comp + unit * a.Op + ov * 16;
     for (int v = 0; v < NV; v++) {
       alpha0[v] = _mm512_cvtps_pd(_mm256_loadu_ps(alpha + v * 16));
       alpha1[v] = _mm512_cvtps_pd(_mm256_loadu_ps(alpha + v * 16 + 8));
-      comp[v] = _mm512_loadu_si512(c + v * 16);
+#ifndef DSQ_AMX
+      comp[v] = _mm512_loadu_si512(a.comp + unit * a.Op + ov * 16 + v * 16);
+#endif
     }
   }
 };
