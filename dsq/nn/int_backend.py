@@ -182,7 +182,8 @@ def _conv2d(input, layer, kernel, bias, stride, padding, dilation, groups, epilo
     mant, step = _encode(F.pad(input, pads).permute(0, 2, 3, 1), layer.act_format)
     cols = patches(mant, kernel, stride, dilation)
     steps = patches(step, kernel, stride, dilation).flatten(0, 2)
-    acc = _accumulate(cols.flatten(0, 2), steps, plan).view(*cols.shape[:3], -1).permute(0, 3, 1, 2)
+    acc = _accumulate(cols.flatten(0, 2), steps, plan)
+    acc = acc.view(*cols.shape[:3], acc.shape[-1]).permute(0, 3, 1, 2)  # (N, O, OH, OW), N = 0 too
     out = epilogue.apply(acc, bias, residual)
     return out.contiguous() if nchw else out.contiguous(memory_format=torch.channels_last)
 
@@ -195,10 +196,10 @@ def int_linear(input, weight: "IntWeight", bias=None) -> torch.Tensor:
     if plan.kernel is not None:
         flat = input.reshape(-1, input.shape[-1], 1, 1)
         out = _run_kernel(flat, layer, plan.kernel, bias, epilogue=epilogue.rounding())
-        return epilogue.finish(out.reshape(*input.shape[:-1], -1), residual)
+        return epilogue.finish(out.reshape(*input.shape[:-1], out.shape[1]), residual)
     mant, step = _encode(input, layer.act_format)
     acc = _accumulate(mant.reshape(-1, 1, mant.shape[-1]), step.reshape(-1, 1, step.shape[-1]), plan)
-    return epilogue.apply(acc.reshape(*input.shape[:-1], -1), bias, residual, channel_dim=-1)
+    return epilogue.apply(acc.reshape(*input.shape[:-1], acc.shape[-1]), bias, residual, channel_dim=-1)
 
 
 class IntWeight(StandInWeight):

@@ -192,6 +192,21 @@ def test_an_untraceable_module_is_fused_child_by_child():
     assert torch.equal(infer(fused, x), infer(reference, x))
 
 
+def test_an_empty_batch_gives_an_empty_output(path):
+    """A batch of no images through the unfused and the fused int network on each path, the fused
+    exact one, and a linear layer: empty outputs of the right shape, as torch's own layers give."""
+    torch.manual_seed(0)
+    qmodel, _ = dsq.quantize(Residual().eval(), bits=4, block=16)
+    empty = torch.randn(0, 3, 8, 8)
+    unfused = copy.deepcopy(qmodel)
+    set_backend(unfused, "int", kernel=path)
+    for model in (unfused, fuse_int(qmodel, kernel=path), fuse_int(qmodel, backend="exact")):
+        assert infer(model, empty).shape == (0, 24, 8, 8)
+    linear = to_dsconv(nn.Linear(40, 24), WeightFormat(bits=4, block=16), ActFormat(8, 16))
+    set_backend(linear, "int", kernel=path)
+    assert infer(linear, torch.randn(0, 40)).shape == (0, 24)
+
+
 def test_a_fused_layer_refuses_the_simulate_backend():
     torch.manual_seed(0)
     fused = fuse_int(dsq.quantize(Residual().eval(), bits=4, block=16)[0])
@@ -320,6 +335,7 @@ def test_finish_f64_equals_the_epilogue_reference(channels_last, monkeypatch):
         theirs = epilogue.apply(a, None, res)
         assert ours.is_contiguous(memory_format=fmt)
         assert torch.equal(ours.contiguous().view(torch.int32), theirs.contiguous().view(torch.int32))
+    assert torch.ops.dsq.finish_f64(acc[:0], scale, shift, None, 0.0, 6.0).shape == (0, 37, 3, 5)  # an empty batch
     layer = to_dsconv(nn.Conv2d(16, 8, 3), WeightFormat(), ActFormat(8, 16))
     set_backend(layer, "exact")
     calls, op = [], torch.ops.dsq.finish_f64

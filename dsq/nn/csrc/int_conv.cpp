@@ -369,14 +369,14 @@ std::vector<std::string> isas() {
 
 const at::Tensor* given(const c10::optional<at::Tensor>& t) { return t && t->defined() ? &*t : nullptr; }
 
-// The output epilogue into `out` (dense in `format`; its channels C along dim 1 if `nchw`, else
-// last): bias (float32), folded BatchNorm (scale, shift: float64), residual (laid out as `out`),
+// The output epilogue into `out` (4-D, dense in `format`; its channels C along dim 1 if `nchw`,
+// else last): bias (float32), folded BatchNorm (scale, shift: float64), residual (laid out as `out`),
 // clamp to [lo, hi].
 Out output_epilogue(const at::Tensor& out, at::MemoryFormat format, int64_t C, bool nchw,
                     const c10::optional<at::Tensor>& bias,
                     const c10::optional<at::Tensor>& scale, const c10::optional<at::Tensor>& shift,
                     const c10::optional<at::Tensor>& residual, double lo, double hi) {
-  Out e{out.data_ptr<float>(), nchw ? out.numel() / out.size(0) / C : 1, nchw, nullptr, nullptr, nullptr, nullptr,
+  Out e{out.data_ptr<float>(), nchw ? out.size(2) * out.size(3) : 1, nchw, nullptr, nullptr, nullptr, nullptr,
         static_cast<float>(lo), static_cast<float>(hi)};
   if (const at::Tensor* b = given(bias)) {
     TORCH_CHECK(b->dtype() == at::kFloat && b->is_contiguous() && b->numel() == C, "bias");
