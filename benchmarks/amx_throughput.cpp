@@ -28,6 +28,13 @@ struct alignas(64) TileConfig {
 alignas(64) int8_t A[16 * 64], B[16 * 64];
 alignas(64) int32_t C[4][16 * 16];
 
+// C tile t = A x B from zero, stored to C[t - 4]: the int kernel's pattern for one unit. A macro,
+// since the tile intrinsics take their tile numbers as literal tokens.
+#define PRODUCT(t)           \
+  _tile_zero(t);             \
+  _tile_dpbssd(t, 0, 1);     \
+  _tile_stored(t, C[(t) - 4], 64)
+
 static double seconds() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
@@ -65,18 +72,10 @@ int main(int argc, char** argv) {
     for (long i = 0; i < N; i++) _tile_dpbssd(4, 0, 1);
     const double t2 = seconds();
     for (long i = 0; i < N; i++) {
-      _tile_zero(4);
-      _tile_dpbssd(4, 0, 1);
-      _tile_stored(4, C[0], 64);
-      _tile_zero(5);
-      _tile_dpbssd(5, 0, 1);
-      _tile_stored(5, C[1], 64);
-      _tile_zero(6);
-      _tile_dpbssd(6, 0, 1);
-      _tile_stored(6, C[2], 64);
-      _tile_zero(7);
-      _tile_dpbssd(7, 0, 1);
-      _tile_stored(7, C[3], 64);
+      PRODUCT(4);
+      PRODUCT(5);
+      PRODUCT(6);
+      PRODUCT(7);
     }
     const double t3 = seconds();
     for (long i = 0; i < N; i++) {
