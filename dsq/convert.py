@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import fnmatch
 import itertools
@@ -73,7 +74,7 @@ def quantize(
     elif not isinstance(config, QuantConfig):
         raise DsqError(f"dsq.quantize needs a dsq.config.QuantConfig, not a {type(config).__name__} value")
     check_backend(backend)
-    qmodel, notes = _working_copy(model)
+    qmodel, notes, shared = _working_copy(model)
     report = QuantReport(config, model_float_bytes=state_bytes(qmodel), warnings=notes)
     targets = [(n, m) for n, m in qmodel.named_modules() if isinstance(m, CONV_LIKE)]
     image_conv = _image_conv(qmodel, targets)
@@ -81,6 +82,7 @@ def quantize(
     for name, module in tqdm(targets, desc="quantizing", unit="layer", disable=not progress):
         fmt, note = _layer_format(config, name, module, image_input=name == image_conv)
         if fmt is None:
+            _own_weight(module, shared)
             report.layers.append(layer_row(name, module.weight, module, note=note))
             continue
         folded = _fold_weight_reparametrization(module)
@@ -137,22 +139,38 @@ def _check_tensor(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def _working_copy(model: nn.Module) -> tuple[nn.Module, list[str]]:
-    """An eval-mode copy of `model` to quantize (float32 where it held float16/bfloat16) and
-    the warnings that say what changed."""
-    copied = copy.deepcopy(model).eval()
+def _working_copy(model: nn.Module) -> tuple[nn.Module, list[str], set[int]]:
+    """An eval-mode copy of `model` to quantize (float32 where it held float16/bfloat16), the
+    warnings that say what changed, and the ids of the weights it shares with `model`.
+
+    The copy shares the plain weight of every layer dsq may quantize instead of copying it (most
+    of a deep copy's time): quantizing a layer only reads its weight before dropping it, and a
+    layer that stays float gets its own copy (`_own_weight`). A weight that another layer also
+    holds, or that a float16 model's conversion would change in place, is copied.
+    """
     low = sorted(
         {
             str(t.dtype).removeprefix("torch.")
-            for t in itertools.chain(copied.parameters(), copied.buffers())
+            for t in itertools.chain(model.parameters(), model.buffers())
             if t.dtype in LOW_PRECISION
         }
     )
+    holders = collections.Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    weights = (m._parameters.get("weight") for m in model.modules() if isinstance(m, SUPPORTED) and not low)
+    memo = {id(w): w for w in weights if w is not None and holders[id(w)] == 1}
+    shared = set(memo)  # before the deep copy adds its own entries
+    copied = copy.deepcopy(model, memo).eval()
     if not low:
-        return copied, []
-    return copied.float(), [
-        f"the model holds {' and '.join(low)} tensors: quantized a float32 copy of it, which takes float32 inputs"
-    ]
+        return copied, [], shared
+    warning = f"the model holds {' and '.join(low)} tensors: quantized a float32 copy of it, which takes float32 inputs"
+    return copied.float(), [warning], set()
+
+
+def _own_weight(module: nn.Module, shared: set[int]) -> None:
+    """Give a layer that stays float its own copy of a weight `_working_copy` shared."""
+    weight = module._parameters.get("weight")
+    if weight is not None and id(weight) in shared:
+        module._parameters["weight"] = copy.deepcopy(weight)
 
 
 def _fold_weight_reparametrization(module: nn.Module) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import math
 
@@ -437,6 +438,39 @@ BAD = [
     dict(act_block=-1),
     dict(act_bits=8.0),
 ]
+
+
+class TiedLayers(nn.Module):
+    """Two convs holding one weight, a conv kept float, a linear layer and a quantized conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b, self.kept = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+        self.b.weight = self.a.weight
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.kept(self.b(self.a(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_the_copy_shares_no_tensor_with_the_float_model():
+    """The working copy shares the float weights that quantization replaces until it drops them:
+    afterwards no tensor of the quantized model is one of the float model's, and layers kept float
+    own their weights."""
+    torch.manual_seed(0)
+    model = TiedLayers()
+    before = copy.deepcopy(model.state_dict())
+    q, _ = dsq.quantize(model, bits=4, exclude=("kept",))
+    storages = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    assert not any(t.untyped_storage().data_ptr() in storages for t in itertools.chain(q.parameters(), q.buffers()))
+    with torch.no_grad():
+        for p in q.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert is_dsconv(q.a) and is_dsconv(q.b) and torch.equal(q.a.vqk, q.b.vqk)
+    assert not is_dsconv(q.kept) and type(q.fc) is nn.Linear
 
 
 @pytest.mark.parametrize("kwargs", BAD, ids=[str(k) for k in BAD])

@@ -27,12 +27,18 @@ def code_range(bits: int) -> tuple[int, int]:
 
 
 def initial_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """The paper's map: the largest-magnitude element lands on the most negative code."""
+    """The paper's map: the largest-magnitude element (the first of a +m, -m tie) lands on the
+    most negative code."""
     lo, hi = code_range(bits)
-    magnitudes = w.abs()
-    m = w.gather(1, magnitudes.argmax(dim=1, keepdim=True))
+    top, bottom = w.amax(dim=1), w.amin(dim=1)  # a third of the time of argmax over magnitudes
+    m = torch.where(top >= -bottom, top, bottom)
+    tied = ((top == -bottom) & (top != 0)).nonzero().squeeze(1)
+    if len(tied):
+        both = w.index_select(0, tied)
+        m.index_copy_(0, tied, both.gather(1, both.abs().argmax(dim=1, keepdim=True)).squeeze(1))
+    m = m[:, None]
     scale = torch.where(m == 0, torch.zeros_like(m), lo / torch.where(m == 0, 1.0, m))
-    return torch.mul(w, scale, out=magnitudes).round_().clamp_(lo, hi)  # in the magnitudes' memory
+    return (w * scale).round_().clamp_(lo, hi)
 
 
 def sum_aware_scale(
@@ -40,22 +46,22 @@ def sum_aware_scale(
     q: torch.Tensor,
     sum_weight: float,
     w_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-    limit: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """alpha minimising ||w - alpha q||^2 + sum_weight * (sum(w) - alpha sum(q))^2, and its L2 error;
-    |alpha| at most `limit` when given (`scale_limit`).
+    |alpha| limited so that alpha * q stays finite in `dtype` when given (`scale_limit`).
 
     The second term is the systematic output shift that a slice's error causes on inputs
     with a common mean: for inputs of mean mu and variance s^2 the expected squared output
     error is s^2 ||dw||^2 + mu^2 (sum dw)^2, so sum_weight = mu^2 / s^2.
     """
-    products = w * q
-    wq, sq = products.sum(dim=1), q.sum(dim=1)
-    qq = torch.mul(q, q, out=products).sum(dim=1)  # one temporary as large as w, not two
+    wq = (w * q).sum(dim=1)
+    sq, qq = q.sum(dim=1), torch.einsum("ij,ij->i", q, q)  # integer sums: exact in any order
     ww, sw = w_stats if w_stats is not None else slice_stats(w)
     den = qq + sum_weight * sq * sq
     alpha = torch.where(den > 0, (wq + sum_weight * sw * sq) / den.clamp_min(1e-30), torch.zeros_like(den))
-    if limit is not None:
+    if dtype is not None and len(alpha) and alpha.abs().max() > torch.finfo(dtype).max / 256:  # |q| <= 128
+        limit = scale_limit(q, dtype)
         alpha = alpha.clamp(-limit, limit)
     return alpha, ww - 2 * alpha * wq + alpha * alpha * qq
 
@@ -98,11 +104,11 @@ def fit_l2(w: torch.Tensor, bits: int, rounds: int = 0, sum_weight: float = 0.0)
     wd = w.double()
     q = initial_codes(wd, bits)
     stats = slice_stats(wd)
-    alpha, err = sum_aware_scale(wd, q, sum_weight, stats, scale_limit(q, w.dtype))
+    alpha, err = sum_aware_scale(wd, q, sum_weight, stats, w.dtype)
     rows, w_rows, alpha_rows = torch.arange(len(wd)), wd, alpha  # the slices still refined
     for _ in range(rounds):
         q_new = codes_for_scale(w_rows, alpha_rows, bits)
-        alpha_new, err_new = sum_aware_scale(w_rows, q_new, sum_weight, stats, scale_limit(q_new, w.dtype))
+        alpha_new, err_new = sum_aware_scale(w_rows, q_new, sum_weight, stats, w.dtype)
         better = (err_new < err).nonzero().squeeze(1)
         if len(better) == 0:
             break

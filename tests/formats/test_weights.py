@@ -38,6 +38,16 @@ def test_spec_test_vector():
     assert alpha.item() == pytest.approx(-0.1273381, abs=1e-7)
 
 
+def test_the_first_of_a_tied_peak_takes_the_most_negative_code():
+    """The paper's map sends the largest magnitude to -2^(b-1); of +m and -m, the first one
+    (as an argmax over magnitudes picks it), whichever sign it has."""
+    from dsq.formats.weights import initial_codes
+
+    w = torch.tensor([[0.5, -2.0, 1.0, 2.0], [2.0, 0.5, -2.0, 1.0], [0.0, 0.0, 0.0, 0.0], [1.0, -3.0, 3.0, -3.0]])
+    q = initial_codes(w.double(), 4)
+    assert q.tolist() == [[2, -8, 4, 7], [-8, -2, 7, -4], [0, 0, 0, 0], [3, -8, 7, -8]]
+
+
 def test_spec_test_vector_through_quantize_weight():
     """A 1x1 conv with 9 input channels and block 9 holds exactly the spec's slice."""
     w = torch.tensor(SPEC_W).reshape(1, 9, 1, 1)
@@ -196,14 +206,14 @@ def test_refinement_never_increases_slice_error_and_reduces_total(bits, sum_weig
 
 def _refine_every_slice(w, bits, rounds, sum_weight):
     """The refinement as first written: every round refits every slice and keeps what improved."""
-    from dsq.formats.weights import codes_for_scale, initial_codes, scale_limit, slice_stats, sum_aware_scale
+    from dsq.formats.weights import codes_for_scale, initial_codes, slice_stats, sum_aware_scale
 
     wd = w.double()
     q, stats = initial_codes(wd, bits), slice_stats(wd)
-    alpha, err = sum_aware_scale(wd, q, sum_weight, stats, scale_limit(q, w.dtype))
+    alpha, err = sum_aware_scale(wd, q, sum_weight, stats, w.dtype)
     for _ in range(rounds):
         q_new = codes_for_scale(wd, alpha, bits)
-        alpha_new, err_new = sum_aware_scale(wd, q_new, sum_weight, stats, scale_limit(q_new, w.dtype))
+        alpha_new, err_new = sum_aware_scale(wd, q_new, sum_weight, stats, w.dtype)
         better = err_new < err
         q = torch.where(better[:, None], q_new, q)
         alpha, err = torch.where(better, alpha_new, alpha), torch.where(better, err_new, err)
