@@ -48,34 +48,33 @@ alignas(64) float SUM32[16][64];
 double STEP[16];
 float STEP32[16];
 
-// The exact epilogue of one unit (16 positions x 4 vectors of 16 outputs, from C), as the kernel
-// does it: sums in L1.
-static void exact_in_l1(const __m512d (&a0)[4], const __m512d (&a1)[4]) {
+// The exact epilogue of one unit (16 positions x 4 vectors of 16 outputs, from C): each product
+// of 8 converted dot products and the power-of-two step, with its alpha, to add(r, k, product,
+// alpha), which sums it into float64 sum k (of 8) of position r.
+template <class Add>
+static inline void exact_products(const __m512d (&a0)[4], const __m512d (&a1)[4], Add&& add) {
   for (int r = 0; r < 16; r++) {
     const __m512d sv = _mm512_set1_pd(STEP[r]);
     for (int v = 0; v < 4; v++) {
       const int32_t* d = C[v] + r * 16;
-      const __m512d d0 = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(d)));
-      const __m512d d1 = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(d + 8)));
-      double* acc = SUM[r] + v * 16;
-      _mm512_store_pd(acc, _mm512_fmadd_pd(_mm512_mul_pd(d0, sv), a0[v], _mm512_load_pd(acc)));
-      _mm512_store_pd(acc + 8, _mm512_fmadd_pd(_mm512_mul_pd(d1, sv), a1[v], _mm512_load_pd(acc + 8)));
+      add(r, 2 * v, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(d))), sv), a0[v]);
+      add(r, 2 * v + 1, _mm512_mul_pd(_mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(d + 8))), sv),
+          a1[v]);
     }
   }
 }
 
+// As the kernel does it: sums in L1.
+static void exact_in_l1(const __m512d (&a0)[4], const __m512d (&a1)[4]) {
+  exact_products(a0, a1, [](int r, int k, __m512d product, __m512d alpha) {
+    double* acc = SUM[r] + k * 8;
+    _mm512_store_pd(acc, _mm512_fmadd_pd(product, alpha, _mm512_load_pd(acc)));
+  });
+}
+
 // The same arithmetic into 8 float64 sums held in registers.
 static void exact_in_registers(const __m512d (&a0)[4], const __m512d (&a1)[4], __m512d (&acc)[8]) {
-  for (int r = 0; r < 16; r++) {
-    const __m512d sv = _mm512_set1_pd(STEP[r]);
-    for (int v = 0; v < 4; v++) {
-      const int32_t* d = C[v] + r * 16;
-      const __m512d d0 = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(d)));
-      const __m512d d1 = _mm512_cvtepi32_pd(_mm256_load_si256(reinterpret_cast<const __m256i*>(d + 8)));
-      acc[2 * v] = _mm512_fmadd_pd(_mm512_mul_pd(d0, sv), a0[v], acc[2 * v]);
-      acc[2 * v + 1] = _mm512_fmadd_pd(_mm512_mul_pd(d1, sv), a1[v], acc[2 * v + 1]);
-    }
-  }
+  exact_products(a0, a1, [&](int, int k, __m512d product, __m512d alpha) { acc[k] = _mm512_fmadd_pd(product, alpha, acc[k]); });
 }
 
 // float32 sums in L1: 16 outputs per convert, multiply and fused multiply-add.
